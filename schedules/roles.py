@@ -1,0 +1,31 @@
+"""Which loop of each op's main block plays which part in a GEMM-like schedule.
+
+Every op is a per-group contraction whose last output axis is contiguous in memory (the
+axis to vectorise) and has one more axis worth register-blocking (the "row" axis, whose
+operand is broadcast). Schedules look these up instead of hard-coding loop positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LoopRoles:
+    block: str  # the main reduction block
+    n_spatial: int  # spatial loops come first, then the reduction loops
+    row: int  # index of the register-blocked spatial loop
+    row_symbolic: bool  # whether the row loop's extent is the symbolic row count
+    vector_symbolic: bool  # whether the vector (last spatial) loop is symbolic
+    extra_blocks: tuple[str, ...] = ()  # reductions computed beside the main one
+
+
+def loop_roles(op: str, layout: str, bias: bool = True) -> LoopRoles:
+    last = layout == "last"
+    if op == "forward":
+        return LoopRoles("y", 3 if last else 4, 0 if last else 2, last, not last)
+    if op == "grad_input":
+        return LoopRoles("grad_x", 3 if last else 4, 0 if last else 2, last, not last)
+    if op == "grad_weight":
+        return LoopRoles("grad_weight", 3, 1, False, False, ("grad_bias",) if bias else ())
+    raise ValueError(f"unknown op {op!r}")

@@ -1,0 +1,193 @@
+"""Compiled kernels: building one from a schedule, calling it, caching it in memory and on disk.
+
+A :class:`Kernel` wraps up to two compiled TVM functions. CPU schedules split the symbolic
+row loop without a tail predicate (it would slow the micro-kernel several times), so such a
+kernel runs the largest multiple of its ``row_tile`` rows through ``main`` and the remaining
+rows through ``tail``, a build of the same template with a row tile of 1. The row split
+is on the leading dim, so both calls take views of the caller's tensors: no copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import tvm
+from filelock import FileLock
+from tvm import s_tir
+
+from tvmgroup.schedules import DefaultKnobs, template_for
+from tvmgroup.compute import OpSpec, ir_module
+from tvmgroup.paths import kernel_cache_dir
+from tvmgroup.target import target_key
+
+log = logging.getLogger(__name__)
+
+# Applies a schedule to ``sch`` (the op with symbolic rows) and returns the row tile.
+ScheduleFn = Callable[[s_tir.Schedule], int]
+
+
+@dataclass(frozen=True)
+class ScheduleChoice:
+    """Which schedule serves an op: where it came from and how to apply it."""
+
+    origin: str  # "user", "shipped" or "default"
+    apply: ScheduleFn
+    fingerprint: str  # changes whenever the schedule does; part of the disk-cache key
+    log: str | None = None
+    tuned_rows: int | None = None
+    note: str | None = None
+
+
+def default_choice(spec: OpSpec, target: tvm.target.Target) -> ScheduleChoice:
+    template = template_for(target.kind.name)
+
+    def apply(sch: s_tir.Schedule) -> int:
+        return template(sch, spec.op, spec.layout, spec.bias, DefaultKnobs())
+
+    return ScheduleChoice("default", apply, fingerprint="default-v1")
+
+
+@dataclass
+class Kernel:
+    spec: OpSpec
+    choice: ScheduleChoice
+    main: tvm.runtime.Module
+    row_tile: int = 1
+    tail: tvm.runtime.Module | None = None
+
+    def __call__(self, *args: torch.Tensor) -> None:
+        """Runs the op on tensors already in kernel layout (see :func:`compute.prim_func`)."""
+        if self.spec.layout != "last" or self.row_tile == 1:
+            self.main(*args)
+            return
+        if self.spec.op == "grad_weight":
+            self._call_weight_grad(*args)
+        else:
+            self._call_rows(*args)
+
+    def _split(self, rows: int) -> int:
+        return rows - rows % self.row_tile
+
+    def _call_rows(self, a: torch.Tensor, w: torch.Tensor, *rest: torch.Tensor) -> None:
+        # (x, weight[, bias], y) or (grad_y, weight, grad_x): row-indexed are the first and last.
+        rows = a.shape[0]
+        cut = self._split(rows)
+        consts, out = rest[:-1], rest[-1]
+        if cut:
+            self.main(a[:cut], w, *consts, out[:cut])
+        if cut < rows:
+            self.tail(a[cut:], w, *consts, out[cut:])
+
+    def _call_weight_grad(self, dy: torch.Tensor, x: torch.Tensor, *outs: torch.Tensor) -> None:
+        rows = dy.shape[0]
+        cut = self._split(rows)
+        if cut == 0:
+            self.tail(dy, x, *outs)
+            return
+        self.main(dy[:cut], x[:cut], *outs)
+        if cut < rows:
+            partial = [torch.empty_like(o) for o in outs]
+            self.tail(dy[cut:], x[cut:], *partial)
+            for o, p in zip(outs, partial):
+                o.add_(p)
+
+
+def _compile(spec: OpSpec, target: tvm.target.Target, apply: ScheduleFn) -> tuple[tvm.runtime.Module, int]:
+    sch = s_tir.Schedule(ir_module(spec))
+    row_tile = int(apply(sch))
+    return tvm.compile(sch.mod, target=target), row_tile
+
+
+def build_kernel(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice) -> Kernel:
+    """Compiles ``spec`` for ``target`` with ``choice`` (and its tail kernel, if it needs one)."""
+    main, row_tile = _compile(spec, target, choice.apply)
+    tail = None
+    if row_tile > 1:
+        template = template_for(target.kind.name)
+        tail, _ = _compile(
+            spec, target, lambda sch: template(sch, spec.op, spec.layout, spec.bias, DefaultKnobs(), tail=True)
+        )
+    return Kernel(spec, choice, main, row_tile, tail)
+
+
+class KernelCache:
+    """Kernels by (spec, target, schedule): in this process, and as shared libraries on disk.
+
+    The disk copy lets a second process skip compilation. It is keyed by the TVM version,
+    the target and the schedule's fingerprint, written atomically under a file lock, and
+    any file that fails to load is rebuilt.
+    """
+
+    def __init__(self) -> None:
+        self._kernels: dict[tuple, Kernel] = {}
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kernels.clear()
+
+    def get(self, spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice) -> Kernel:
+        key = (spec, json.dumps(dict(target.export()), sort_keys=True, default=str), choice.fingerprint)
+        with self._lock:
+            kernel = self._kernels.get(key)
+            if kernel is None:
+                kernel = self._load_or_build(spec, target, choice, key[1])
+                self._kernels[key] = kernel
+            return kernel
+
+    def _paths(self, spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, target_json: str) -> Path:
+        digest = hashlib.sha256(f"{target_json}|{choice.fingerprint}".encode()).hexdigest()[:16]
+        return kernel_cache_dir() / tvm.__version__ / target_key(target) / f"{spec.key}-{digest}"
+
+    def _load_or_build(self, spec, target, choice, target_json) -> Kernel:
+        if os.environ.get("TVMGROUP_DISK_CACHE", "1") == "0":
+            return build_kernel(spec, target, choice)
+        stem = self._paths(spec, target, choice, target_json)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(stem) + ".lock"):
+            kernel = self._load(spec, choice, stem)
+            if kernel is not None:
+                return kernel
+            kernel = build_kernel(spec, target, choice)
+            self._save(kernel, stem)
+            return kernel
+
+    @staticmethod
+    def _load(spec: OpSpec, choice: ScheduleChoice, stem: Path) -> Kernel | None:
+        meta_path = stem.with_suffix(".json")
+        if not meta_path.exists():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            main = tvm.runtime.load_module(str(stem) + "-main.so")
+            tail = tvm.runtime.load_module(str(stem) + "-tail.so") if meta["row_tile"] > 1 else None
+            return Kernel(spec, choice, main, int(meta["row_tile"]), tail)
+        except Exception as err:  # a corrupt or foreign file: rebuild it
+            log.warning("tvmgroup: ignoring unusable cached kernel %s (%s); rebuilding", stem, err)
+            return None
+
+    @staticmethod
+    def _save(kernel: Kernel, stem: Path) -> None:
+        try:
+            parts = [("main", kernel.main)] + ([("tail", kernel.tail)] if kernel.tail is not None else [])
+            for name, module in parts:
+                tmp = f"{stem}-{name}.tmp{os.getpid()}.so"
+                module.export_library(tmp)
+                os.replace(tmp, f"{stem}-{name}.so")
+            tmp_meta = stem.with_suffix(f".tmp{os.getpid()}")
+            tmp_meta.write_text(json.dumps({"row_tile": kernel.row_tile, "spec": kernel.spec.key}))
+            os.replace(tmp_meta, stem.with_suffix(".json"))
+        except Exception as err:  # no C compiler, read-only home: work without the disk cache
+            warnings.warn(f"tvmgroup: could not save compiled kernel to {stem}: {err}", stacklevel=3)
+
+
+KERNELS = KernelCache()
