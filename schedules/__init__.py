@@ -1,6 +1,6 @@
 """Schedule templates, one per target family, and the registry that picks one.
 
-Each template is a function ``(sch, op, layout, bias, knobs, tail) -> row_tile``; with
+Each template is a function ``(sch, op, layout, bias, knobs, tail) -> None``; with
 :class:`~schedules.knobs.DefaultKnobs` it is the default schedule, with
 :class:`~schedules.knobs.SampledKnobs` a MetaSchedule design space.
 """
@@ -12,15 +12,16 @@ from typing import Callable
 from .cpu import schedule_cpu
 from .cuda import schedule_cuda
 from .knobs import DefaultKnobs, Knobs, SampledKnobs
+from .roles import ROW_TILE_KEY, row_tile_of
 
-TEMPLATES: dict[str, Callable[..., int]] = {"llvm": schedule_cpu, "cuda": schedule_cuda}
+TEMPLATES: dict[str, Callable[..., None]] = {"llvm": schedule_cpu, "cuda": schedule_cuda}
 
 
-def template_for(target_kind: str) -> Callable[..., int]:
+def template_for(target_kind: str) -> Callable[..., None]:
     try:
         return TEMPLATES[target_kind]
     except KeyError:
         raise ValueError(f"no schedule template for target kind {target_kind!r}; have {sorted(TEMPLATES)}") from None
 
 
-__all__ = ["TEMPLATES", "template_for", "Knobs", "DefaultKnobs", "SampledKnobs"]
+__all__ = ["TEMPLATES", "template_for", "Knobs", "DefaultKnobs", "SampledKnobs", "ROW_TILE_KEY", "row_tile_of"]

@@ -7,8 +7,10 @@ Outer loops are fused and run in parallel.
 
 In the ``"last"`` layout the symbolic row loop is split *without* a tail predicate (a
 predicate in the micro-kernel costs 3-5x): the kernel then requires the row count to be a
-multiple of the returned ``row_tile``, and the caller runs the remaining rows through a
-kernel built with ``row_tile=1`` (see :mod:`tvmgroup.kernel`).
+multiple of its row tile, and the caller runs the remaining rows through a
+kernel built with ``tail=True`` (see :mod:`tvmgroup.kernel`). The tile is recorded on the
+main block as the annotation ``ROW_TILE_KEY``, so a replayed trace carries it too. A
+row count used for tuning must be a multiple of every candidate (``ROW_MULTIPLE``).
 """
 
 from __future__ import annotations
@@ -16,23 +18,24 @@ from __future__ import annotations
 from tvm import s_tir
 
 from .knobs import Knobs
-from .roles import loop_roles
+from .roles import ROW_TILE_KEY, loop_roles
 
-ROW_TILES = (1, 2, 4, 6, 8)  # symbolic row tile of forward / grad_input ("last")
+ROW_TILES = (1, 2, 4, 8)  # symbolic row tile of forward / grad_input ("last")
 ROW_CHUNKS = (16, 32, 64, 128, 256)  # symbolic row chunk of grad_weight ("last")
 VECTOR_TILES = (8, 16, 32, 64)  # symbolic vector tile ("conv": the L axis)
+ROW_MULTIPLE = 256  # lcm of ROW_TILES and ROW_CHUNKS
 
 
-def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: Knobs, tail: bool = False):
-    """Applies the template; returns the row tile the kernel needs (1 for no requirement)."""
+def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: Knobs, tail: bool = False) -> None:
+    """Applies the template to the op's PrimFunc in ``sch``."""
     roles = loop_roles(op, layout, bias)
     if op == "grad_weight":
         row_tile = _schedule_weight_grad(sch, roles, layout, knobs, tail)
     else:
         row_tile = _schedule_rows(sch, roles, layout, knobs, tail)
+    sch.annotate(sch.get_sblock(roles.block + "_update"), ROW_TILE_KEY, row_tile)
     for name in roles.extra_blocks:
         _schedule_column_sum(sch, name)
-    return row_tile
 
 
 def _extent(sch: s_tir.Schedule, loop) -> int:

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import tvm
+from tvm import s_tir
+
+# Block annotation: rows a kernel needs in multiples of (its tail runs through another build).
+ROW_TILE_KEY = "tvmgroup.row_tile"
+
 
 @dataclass(frozen=True)
 class LoopRoles:
@@ -29,3 +35,11 @@ def loop_roles(op: str, layout: str, bias: bool = True) -> LoopRoles:
     if op == "grad_weight":
         return LoopRoles("grad_weight", 3, 1, False, False, ("grad_bias",) if bias else ())
     raise ValueError(f"unknown op {op!r}")
+
+
+def row_tile_of(mod: tvm.IRModule, op: str, layout: str) -> int:
+    """The row tile a scheduled module requires (1 where it has no annotation)."""
+    sch = s_tir.Schedule(mod)
+    block = sch.get(sch.get_sblock(loop_roles(op, layout).block + "_update"))
+    value = block.annotations.get(ROW_TILE_KEY, 1)
+    return int(value)

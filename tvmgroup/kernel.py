@@ -24,15 +24,15 @@ import tvm
 from filelock import FileLock
 from tvm import s_tir
 
-from tvmgroup.schedules import DefaultKnobs, template_for
+from tvmgroup.schedules import DefaultKnobs, row_tile_of, template_for
 from tvmgroup.compute import OpSpec, ir_module
 from tvmgroup.paths import kernel_cache_dir
 from tvmgroup.target import target_key
 
 log = logging.getLogger(__name__)
 
-# Applies a schedule to ``sch`` (the op with symbolic rows) and returns the row tile.
-ScheduleFn = Callable[[s_tir.Schedule], int]
+# Applies a schedule to ``sch``, which holds the op with symbolic rows.
+ScheduleFn = Callable[[s_tir.Schedule], None]
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class ScheduleChoice:
 def default_choice(spec: OpSpec, target: tvm.target.Target) -> ScheduleChoice:
     template = template_for(target.kind.name)
 
-    def apply(sch: s_tir.Schedule) -> int:
-        return template(sch, spec.op, spec.layout, spec.bias, DefaultKnobs())
+    def apply(sch: s_tir.Schedule) -> None:
+        template(sch, spec.op, spec.layout, spec.bias, DefaultKnobs())
 
     return ScheduleChoice("default", apply, fingerprint="default-v1")
 
@@ -103,8 +103,8 @@ class Kernel:
 
 def _compile(spec: OpSpec, target: tvm.target.Target, apply: ScheduleFn) -> tuple[tvm.runtime.Module, int]:
     sch = s_tir.Schedule(ir_module(spec))
-    row_tile = int(apply(sch))
-    return tvm.compile(sch.mod, target=target), row_tile
+    apply(sch)
+    return tvm.compile(sch.mod, target=target), row_tile_of(sch.mod, spec.op, spec.layout)
 
 
 def build_kernel(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice) -> Kernel:

@@ -1,0 +1,1 @@
+"""Subcommands of the ``tvmgroup`` CLI, one module each."""
