@@ -5,10 +5,12 @@ the "row" axis is split and unrolled, so each reduction step broadcasts one oper
 ``row_tile`` fused multiply-adds on ``vector_tile`` lanes, with the accumulators in registers.
 Outer loops are fused and run in parallel.
 
-In the ``"last"`` layout the symbolic row loop is split *without* a tail predicate (a
-predicate in the micro-kernel costs 3-5x): the kernel then requires the row count to be a
-multiple of its row tile, and the caller runs the remaining rows through a
-kernel built with ``tail=True`` (see :mod:`tvmgroup.kernel`). The tile is recorded on the
+Symbolic loops in the micro-kernel are split *without* a tail predicate (a predicate there
+costs 3-30x): in the ``"last"`` layout the row loop, so the kernel requires the row count to
+be a multiple of its row tile and the caller runs the remaining rows through a build with
+``tail=True``; in the ``"conv"`` layout the vectorised length loop, so the kernel requires L
+to be a multiple of the tile and other lengths run wholly through the (predicated) tail
+build (see :mod:`tvmgroup.kernel`). The tile is recorded on the
 main block as the annotation ``ROW_TILE_KEY``, so a replayed trace carries it too. A
 row count used for tuning must be a multiple of every candidate (``ROW_MULTIPLE``).
 """
@@ -68,16 +70,35 @@ def _schedule_rows(sch, roles, layout: str, knobs: Knobs, tail: bool):
         else:
             row_tile, (r0, r1) = _split_symbolic(sch, row, knobs, ROW_TILES, 4, exact=True)
         sch.reorder(r0, *outer, v0, *reduce, r1, v1)
+        cache = _accumulate_locally(sch, block, v0, tail)
         sch.parallel(sch.fuse(r0, *outer, v0))
     else:
-        _, (v0, v1) = _split_symbolic(sch, vec, knobs, VECTOR_TILES, 16, exact=False)
+        # The vector axis is the symbolic length L: exact split, or predicated for the tail build.
+        tile, (v0, v1) = _split_symbolic(sch, vec, knobs, VECTOR_TILES, 32, exact=not tail)
+        row_tile = 1 if tail else tile
         r0, r1 = _split_static(sch, row, knobs, 8, 4)
         sch.reorder(*outer, r0, v0, *reduce, r1, v1)
+        cache = _accumulate_locally(sch, block, v0, tail)
         sch.parallel(sch.fuse(*outer, r0))
     sch.unroll(r1)
     sch.vectorize(v1)
+    if cache is not None:
+        sch.vectorize(sch.get_loops(cache)[-1])
     sch.decompose_reduction(block, reduce[0])
     return row_tile
+
+
+def _accumulate_locally(sch, block, loop, tail: bool):
+    """Accumulates the output tile in a local buffer written back under ``loop``.
+
+    It keeps the accumulators in registers where the compiler would otherwise reload and
+    store them every reduction step. Not for tail builds: their tiles are predicated.
+    """
+    if tail:
+        return None
+    cache = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(cache, loop)
+    return cache
 
 
 def _schedule_weight_grad(sch, roles, layout: str, knobs: Knobs, tail: bool):

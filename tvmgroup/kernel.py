@@ -1,10 +1,12 @@
 """Compiled kernels: building one from a schedule, calling it, caching it in memory and on disk.
 
-A :class:`Kernel` wraps up to two compiled TVM functions. CPU schedules split the symbolic
-row loop without a tail predicate (it would slow the micro-kernel several times), so such a
-kernel runs the largest multiple of its ``row_tile`` rows through ``main`` and the remaining
-rows through ``tail``, a build of the same template with a row tile of 1. The row split
-is on the leading dim, so both calls take views of the caller's tensors: no copies.
+A :class:`Kernel` wraps up to two compiled TVM functions. CPU schedules split a symbolic
+loop without a tail predicate (it would slow the micro-kernel several times), so such a
+kernel needs that extent to be a multiple of ``row_tile``. In the ``"last"`` layout it runs
+the largest multiple of ``row_tile`` rows through ``main`` and the remaining rows through
+``tail``, a build of the same template with ``tail=True``; the split is on the leading dim,
+so both calls take views of the caller's tensors (no copies). In the ``"conv"`` layout the
+tile applies to the length L: other lengths run wholly through ``tail``.
 """
 
 from __future__ import annotations
@@ -66,10 +68,12 @@ class Kernel:
 
     def __call__(self, *args: torch.Tensor) -> None:
         """Runs the op on tensors already in kernel layout (see :func:`compute.prim_func`)."""
-        if self.spec.layout != "last" or self.row_tile == 1:
+        if self.row_tile == 1:
             self.main(*args)
-            return
-        if self.spec.op == "grad_weight":
+        elif self.spec.layout == "conv":
+            # The tile applies to the length L (last dim), which no view can split.
+            (self.main if args[0].shape[-1] % self.row_tile == 0 else self.tail)(*args)
+        elif self.spec.op == "grad_weight":
             self._call_weight_grad(*args)
         else:
             self._call_rows(*args)
