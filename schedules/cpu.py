@@ -17,6 +17,8 @@ row count used for tuning must be a multiple of every candidate (``ROW_MULTIPLE`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import s_tir
 
 from .knobs import Knobs
@@ -26,18 +28,63 @@ ROW_TILES = (1, 2, 4, 8)  # symbolic row tile of forward / grad_input ("last")
 ROW_CHUNKS = (16, 32, 64, 128, 256)  # symbolic row chunk of grad_weight ("last")
 VECTOR_TILES = (8, 16, 32, 64)  # symbolic vector tile ("conv": the L axis)
 ROW_MULTIPLE = 256  # lcm of ROW_TILES and ROW_CHUNKS
+VECTOR_ALIGN = 16  # static vector loops are partitioned into a multiple of this + remainder
 
 
 def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: Knobs, tail: bool = False) -> None:
     """Applies the template to the op's PrimFunc in ``sch``."""
     roles = loop_roles(op, layout, bias)
+    nests = _nests(sch, roles)
     if op == "grad_weight":
-        row_tile = _schedule_weight_grad(sch, roles, layout, knobs, tail)
+        row_tile = _schedule_weight_grad(sch, nests, layout, knobs, tail)
     else:
-        row_tile = _schedule_rows(sch, roles, layout, knobs, tail)
-    sch.annotate(sch.get_sblock(roles.block + "_update"), ROW_TILE_KEY, row_tile)
+        row_tile = _schedule_rows(sch, nests, layout, knobs, tail)
+    for nest in nests:
+        sch.annotate(nest.block, ROW_TILE_KEY, row_tile)
     for name in roles.extra_blocks:
         _schedule_column_sum(sch, name)
+
+
+@dataclass
+class _Nest:
+    """One loop nest of the main block, its loops by role."""
+
+    block: s_tir.schedule.SBlockRV
+    outer: list  # spatial loops that are neither the row nor the vector loop
+    row: s_tir.schedule.LoopRV
+    vec: s_tir.schedule.LoopRV
+    reduce: list
+
+
+def _nests(sch: s_tir.Schedule, roles) -> list[_Nest]:
+    """The main block's loop nest, or two if its static vector loop needs a remainder.
+
+    A vector length that is not a power of two compiles to gathers and runs ~10x slower, so
+    a static vector extent that is not a multiple of ``VECTOR_ALIGN`` is partitioned into a
+    multiple of it and a short remainder, each a nest of its own.
+    """
+    block = sch.get_sblock(roles.block)
+    loops = sch.get_loops(block)
+    n = roles.n_spatial
+    spatial, reduce = loops[:n], loops[n:]
+    vec, others = spatial[-1], spatial[:-1]
+    extent = None if roles.vector_symbolic else _extent(sch, vec)
+    if extent is None or extent % VECTOR_ALIGN == 0 or extent < VECTOR_ALIGN:
+        return [_nest(block, others, roles.row, vec, reduce)]
+    name = sch.get(vec).loop_var.name
+    sch.reorder(vec, *others)
+    sch.loop_partition(vec, [extent // VECTOR_ALIGN * VECTOR_ALIGN, None])
+    nests = []
+    for part in (0, 1):
+        part_block = sch.get_sblock(f"{roles.block}_{name}{part}")
+        part_loops = sch.get_loops(part_block)
+        nests.append(_nest(part_block, part_loops[1:n], roles.row, part_loops[0], part_loops[n:]))
+    return nests
+
+
+def _nest(block, others: list, row_index: int, vec, reduce: list) -> _Nest:
+    outer = [l for i, l in enumerate(others) if i != row_index]
+    return _Nest(block, outer, others[row_index], vec, list(reduce))
 
 
 def _extent(sch: s_tir.Schedule, loop) -> int:
@@ -49,43 +96,42 @@ def _split_static(sch, loop, knobs: Knobs, limit: int, default: int):
     return sch.split(loop, [None, factor])
 
 
-def _split_symbolic(sch, loop, knobs: Knobs, candidates, default: int, exact: bool):
-    """Splits a symbolic loop; ``exact`` drops the tail predicate (the caller pads the rows)."""
-    factor = knobs.inner_choice(sch, candidates, default)
-    return factor, sch.split(loop, [None, factor], disable_predication=exact)
-
-
-def _schedule_rows(sch, roles, layout: str, knobs: Knobs, tail: bool):
+def _schedule_rows(sch, nests: list[_Nest], layout: str, knobs: Knobs, tail: bool) -> int:
     """forward and grad_input: out[row, g, j] = sum_r a[row, g, r] * b[g, r, j]."""
-    block = sch.get_sblock(roles.block)
-    loops = sch.get_loops(block)
-    spatial, reduce = loops[: roles.n_spatial], loops[roles.n_spatial :]
-    row, vec = spatial[roles.row], spatial[-1]
-    outer = [l for i, l in enumerate(spatial) if i not in (roles.row, roles.n_spatial - 1)]
-    row_tile = 1
     if layout == "last":
-        v0, v1 = _split_static(sch, vec, knobs, 64, 32)
-        if tail:
-            r0, r1 = sch.split(row, [None, 1])
-        else:
-            row_tile, (r0, r1) = _split_symbolic(sch, row, knobs, ROW_TILES, 4, exact=True)
-        sch.reorder(r0, *outer, v0, *reduce, r1, v1)
-        cache = _accumulate_locally(sch, block, v0, tail)
-        sch.parallel(sch.fuse(r0, *outer, v0))
-    else:
-        # The vector axis is the symbolic length L: exact split, or predicated for the tail build.
-        tile, (v0, v1) = _split_symbolic(sch, vec, knobs, VECTOR_TILES, 32, exact=not tail)
-        row_tile = 1 if tail else tile
-        r0, r1 = _split_static(sch, row, knobs, 8, 4)
-        sch.reorder(*outer, r0, v0, *reduce, r1, v1)
-        cache = _accumulate_locally(sch, block, v0, tail)
-        sch.parallel(sch.fuse(*outer, r0))
-    sch.unroll(r1)
-    sch.vectorize(v1)
+        # One row tile for every nest: the kernel's callers split rows by it.
+        row_tile = 1 if tail else knobs.inner_choice(sch, ROW_TILES, 4)
+        main, *remainder = nests
+        v0, v1 = _split_static(sch, main.vec, knobs, 64, 32)
+        r0, r1 = sch.split(main.row, [None, row_tile], disable_predication=True)
+        sch.reorder(r0, *main.outer, v0, *main.reduce, r1, v1)
+        cache = _accumulate_locally(sch, main.block, v0, tail or bool(remainder))
+        sch.parallel(sch.fuse(r0, *main.outer, v0))
+        _finish_micro_kernel(sch, main, r1, v1, cache)
+        for nest in remainder:
+            r0, r1 = sch.split(nest.row, [None, row_tile], disable_predication=True)
+            sch.reorder(r0, *nest.outer, *nest.reduce, r1, nest.vec)
+            sch.parallel(sch.fuse(r0, *nest.outer))
+            _finish_micro_kernel(sch, nest, r1, nest.vec, None)
+        return row_tile
+    # conv: the vector loop is the symbolic length L: exact split, predicated in the tail build.
+    (nest,) = nests
+    tile = knobs.inner_choice(sch, VECTOR_TILES, 32)
+    v0, v1 = sch.split(nest.vec, [None, tile], disable_predication=not tail)
+    r0, r1 = _split_static(sch, nest.row, knobs, 8, 4)
+    sch.reorder(*nest.outer, r0, v0, *nest.reduce, r1, v1)
+    cache = _accumulate_locally(sch, nest.block, v0, tail)
+    sch.parallel(sch.fuse(*nest.outer, r0))
+    _finish_micro_kernel(sch, nest, r1, v1, cache)
+    return 1 if tail else tile
+
+
+def _finish_micro_kernel(sch, nest: _Nest, unrolled, vectorised, cache) -> None:
+    sch.unroll(unrolled)
+    sch.vectorize(vectorised)
     if cache is not None:
         sch.vectorize(sch.get_loops(cache)[-1])
-    sch.decompose_reduction(block, reduce[0])
-    return row_tile
+    sch.decompose_reduction(nest.block, nest.reduce[0])
 
 
 def _accumulate_locally(sch, block, loop, tail: bool):
@@ -101,29 +147,28 @@ def _accumulate_locally(sch, block, loop, tail: bool):
     return cache
 
 
-def _schedule_weight_grad(sch, roles, layout: str, knobs: Knobs, tail: bool):
+def _schedule_weight_grad(sch, nests: list[_Nest], layout: str, knobs: Knobs, tail: bool) -> int:
     """grad_weight[g, o, k] = sum over rows of grad_y[row, g, o] * x[row, g, k]."""
-    block = sch.get_sblock(roles.block)
-    g, o, k, *reduce = sch.get_loops(block)
-    o0, o1 = _split_static(sch, o, knobs, 8, 4)
-    k0, k1 = _split_static(sch, k, knobs, 64, 32)
-    row_tile = 1
-    if layout == "last":
-        # Rows in chunks that stay in cache while every (o, k) tile of the group reads them.
-        if tail:
-            n0, n1 = sch.split(reduce[0], [None, 1])
+    chunk = 1
+    if layout == "last" and not tail:
+        chunk = knobs.inner_choice(sch, ROW_CHUNKS, 64)
+    for i, nest in enumerate(nests):
+        (g,) = nest.outer
+        o0, o1 = _split_static(sch, nest.row, knobs, 8, 4)
+        if i == 0:
+            k0, k1 = _split_static(sch, nest.vec, knobs, 64, 32)
+        else:  # the remainder of a partitioned vector loop: short, starts past 0
+            k0, k1 = sch.add_unit_loop(nest.vec), nest.vec
+        if layout == "last":
+            # Rows in chunks that stay in cache while every (o, k) tile of the group reads them.
+            n0, n1 = sch.split(nest.reduce[0], [None, chunk], disable_predication=True)
+            sch.reorder(g, n0, o0, k0, n1, o1, k1)
+            nest.reduce = [n0, n1]
         else:
-            row_tile, (n0, n1) = _split_symbolic(sch, reduce[0], knobs, ROW_CHUNKS, 64, exact=True)
-        sch.reorder(g, n0, o0, k0, n1, o1, k1)
-        first_reduce = n0
-    else:
-        sch.reorder(g, o0, k0, *reduce, o1, k1)
-        first_reduce = reduce[0]
-    sch.parallel(g)
-    sch.unroll(o1)
-    sch.vectorize(k1)
-    sch.decompose_reduction(block, first_reduce)
-    return row_tile
+            sch.reorder(g, o0, k0, *nest.reduce, o1, k1)
+        sch.parallel(g)
+        _finish_micro_kernel(sch, nest, o1, k1, None)
+    return chunk
 
 
 def _schedule_column_sum(sch: s_tir.Schedule, name: str) -> None:

@@ -16,10 +16,6 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def largest_divisor_at_most(n: int, limit: int) -> int:
-    return max(d for d in _divisors(n) if d <= limit)
-
-
 class Knobs:
     """Interface: a factor for splitting one loop in two."""
 
@@ -36,7 +32,9 @@ class DefaultKnobs(Knobs):
     """Fixed, hand-picked choices: the default schedule."""
 
     def inner_static(self, sch, loop, extent, limit, default):
-        return largest_divisor_at_most(extent, min(limit, default))
+        # Power-of-two factors: other vector lengths compile to gathers.
+        bound = min(limit, default)
+        return max(d for d in _divisors(extent) if d <= bound and d & (d - 1) == 0)
 
     def inner_choice(self, sch, candidates, default):
         return default

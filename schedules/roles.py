@@ -38,8 +38,14 @@ def loop_roles(op: str, layout: str, bias: bool = True) -> LoopRoles:
 
 
 def row_tile_of(mod: tvm.IRModule, op: str, layout: str) -> int:
-    """The row tile a scheduled module requires (1 where it has no annotation)."""
+    """The row tile a scheduled module requires: the largest ``ROW_TILE_KEY`` on its blocks."""
     sch = s_tir.Schedule(mod)
-    block = sch.get(sch.get_sblock(loop_roles(op, layout).block + "_update"))
-    value = block.annotations.get(ROW_TILE_KEY, 1)
-    return int(value)
+    tiles = [1]
+    pending = sch.get_child_blocks(sch.get_sblock("root"))
+    while pending:
+        block = pending.pop()
+        value = sch.get(block).annotations.get(ROW_TILE_KEY)
+        if value is not None:
+            tiles.append(int(value))
+        pending.extend(sch.get_child_blocks(block))
+    return max(tiles)
