@@ -42,7 +42,7 @@ def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: K
     for nest in nests:
         sch.annotate(nest.block, ROW_TILE_KEY, row_tile)
     for name in roles.extra_blocks:
-        _schedule_column_sum(sch, name)
+        _schedule_column_sum(sch, name, row_tile if layout == "last" else 1)
 
 
 @dataclass
@@ -100,7 +100,7 @@ def _schedule_rows(sch, nests: list[_Nest], layout: str, knobs: Knobs, tail: boo
     """forward and grad_input: out[row, g, j] = sum_r a[row, g, r] * b[g, r, j]."""
     if layout == "last":
         # One row tile for every nest: the kernel's callers split rows by it.
-        row_tile = 1 if tail else knobs.inner_choice(sch, ROW_TILES, 4)
+        row_tile = 1 if tail else knobs.inner_choice(sch, ROW_TILES, 8)
         main, *remainder = nests
         v0, v1 = _split_static(sch, main.vec, knobs, 64, 32)
         r0, r1 = sch.split(main.row, [None, row_tile], disable_predication=True)
@@ -151,31 +151,40 @@ def _schedule_weight_grad(sch, nests: list[_Nest], layout: str, knobs: Knobs, ta
     """grad_weight[g, o, k] = sum over rows of grad_y[row, g, o] * x[row, g, k]."""
     chunk = 1
     if layout == "last" and not tail:
-        chunk = knobs.inner_choice(sch, ROW_CHUNKS, 64)
+        chunk = knobs.inner_choice(sch, ROW_CHUNKS, 32)
     for i, nest in enumerate(nests):
         (g,) = nest.outer
-        o0, o1 = _split_static(sch, nest.row, knobs, 8, 4)
         if i == 0:
-            k0, k1 = _split_static(sch, nest.vec, knobs, 64, 32)
+            k0, k1 = _split_static(sch, nest.vec, knobs, 64, 64)
+            o_default = 4 if _extent(sch, k1) >= 64 else 8
         else:  # the remainder of a partitioned vector loop: short, starts past 0
             k0, k1 = sch.add_unit_loop(nest.vec), nest.vec
+        o0, o1 = _split_static(sch, nest.row, knobs, 8, o_default)
         if layout == "last":
-            # Rows in chunks that stay in cache while every (o, k) tile of the group reads them.
+            # A chunk of rows, contiguous in memory for all groups, is read once by every
+            # (group, o, k) tile before the next chunk: rows are the outermost loop.
             n0, n1 = sch.split(nest.reduce[0], [None, chunk], disable_predication=True)
-            sch.reorder(g, n0, o0, k0, n1, o1, k1)
+            sch.reorder(n0, g, o0, k0, n1, o1, k1)
             nest.reduce = [n0, n1]
         else:
             sch.reorder(g, o0, k0, *nest.reduce, o1, k1)
-        sch.parallel(g)
+        sch.parallel(sch.fuse(g, o0, k0))
         _finish_micro_kernel(sch, nest, o1, k1, None)
     return chunk
 
 
-def _schedule_column_sum(sch: s_tir.Schedule, name: str) -> None:
-    """grad_bias[g, o] = sum over rows: rows outside, o vectorised inside, g in parallel."""
+def _schedule_column_sum(sch: s_tir.Schedule, name: str, chunk: int) -> None:
+    """grad_bias[g, o] = sum over rows, read in the same row chunks as grad_weight's nest."""
     block = sch.get_sblock(name)
     g, o, *reduce = sch.get_loops(block)
-    sch.reorder(g, *reduce, o)
+    extent = _extent(sch, o)
+    o0, o1 = sch.split(o, [None, max(d for d in (1, 2, 4, 8, 16, 32, 64) if extent % d == 0)])
+    if chunk > 1:
+        n0, n1 = sch.split(reduce[0], [None, chunk], disable_predication=True)
+        sch.reorder(n0, g, n1, o0, o1)
+        reduce = [n0, n1]
+    else:
+        sch.reorder(g, *reduce, o0, o1)
     sch.parallel(g)
-    sch.vectorize(o)
+    sch.vectorize(o1)
     sch.decompose_reduction(block, reduce[0])
