@@ -58,6 +58,24 @@ class OpSpec:
         )
 
 
+ACCUMULATOR = "float32"  # every sum accumulates in float32, whatever the storage dtype
+
+
+def _widen(value):
+    return value if value.dtype == ACCUMULATOR else value.astype(ACCUMULATOR)
+
+
+def _mul(a, b):
+    return _widen(a) * _widen(b)
+
+
+def _stored(acc: te.Tensor, dtype: str) -> te.Tensor:
+    """The float32 sum ``acc`` as the op's storage dtype: a cast stage named ``<acc>_out``."""
+    if dtype == ACCUMULATOR:
+        return acc
+    return te.compute(acc.shape, lambda *i: acc(*i).astype(dtype), name=f"{acc.op.name}_out")
+
+
 class _Rows:
     """Maps a row (the flattened leading dims) and a feature index to tensor indices."""
 
@@ -99,14 +117,14 @@ def _forward(spec: OpSpec, rows: _Rows):
 
         def body(*idx):
             row, g, o = rows.split(idx)
-            return te.sum(x[rows.index(row, g, k)] * wt[g, k, o], axis=k)
+            return te.sum(_mul(x[rows.index(row, g, k)], wt[g, k, o]), axis=k)
     else:
 
         def body(*idx):
             row, g, o = rows.split(idx)
-            return te.sum(x[rows.index(row, g, k)] * w[g, o, k], axis=k)
+            return te.sum(_mul(x[rows.index(row, g, k)], w[g, o, k]), axis=k)
 
-    y = te.compute(rows.shape(g_, o_), body, name="y")
+    y = _stored(te.compute(rows.shape(g_, o_), body, name="y"), spec.dtype)
     args = [x, w]
     if spec.bias:
         args.append(te.placeholder((g_, o_), spec.dtype, name="bias"))
@@ -121,9 +139,9 @@ def _grad_input(spec: OpSpec, rows: _Rows):
 
     def body(*idx):
         row, g, k = rows.split(idx)
-        return te.sum(dy[rows.index(row, g, o)] * w[g, o, k], axis=o)
+        return te.sum(_mul(dy[rows.index(row, g, o)], w[g, o, k]), axis=o)
 
-    dx = te.compute(rows.shape(g_, k_), body, name="grad_x")
+    dx = _stored(te.compute(rows.shape(g_, k_), body, name="grad_x"), spec.dtype)
     return [dy, w, dx]
 
 
@@ -135,16 +153,17 @@ def _grad_weight(spec: OpSpec, rows: _Rows):
     row = tuple(r)
     dw = te.compute(
         (g_, o_, k_),
-        lambda g, o, k: te.sum(dy[rows.index(row, g, o)] * x[rows.index(row, g, k)], axis=r),
+        lambda g, o, k: te.sum(_mul(dy[rows.index(row, g, o)], x[rows.index(row, g, k)]), axis=r),
         name="grad_weight",
     )
-    outs = [dw]
+    outs = [_stored(dw, spec.dtype)]
     if spec.bias:
         rb = rows.reduce_axes()
         rowb = tuple(rb)
-        outs.append(
-            te.compute((g_, o_), lambda g, o: te.sum(dy[rows.index(rowb, g, o)], axis=rb), name="grad_bias")
+        db = te.compute(
+            (g_, o_), lambda g, o: te.sum(_widen(dy[rows.index(rowb, g, o)]), axis=rb), name="grad_bias"
         )
+        outs.append(_stored(db, spec.dtype))
     return [dy, x] + outs
 
 
@@ -183,19 +202,19 @@ def _set_reduction_init(stmt, block_name: str, make_init: Callable):
     return stmt
 
 
-def _bias_init(func: tirx.PrimFunc, layout: str) -> tirx.PrimFunc:
+def _bias_init(func: tirx.PrimFunc) -> tirx.PrimFunc:
     bias = func.params[2]
-    y = func.params[3]
 
     def make_init(block):
-        v = [iv.var for iv in block.iter_vars]
         # Spatial block vars follow the output's axes: (n, g, o) or (b, g, o, l).
-        y_idx = v[: len(y.shape)]
-        g, o = y_idx[1], y_idx[2]
-        return tirx.BufferStore(y, tirx.BufferLoad(bias, [g, o]), y_idx)
+        acc = block.writes[0].source
+        idx = [iv.var for iv in block.iter_vars][: len(acc.shape)]
+        value = tirx.BufferLoad(bias, [idx[1], idx[2]])
+        if bias.dtype != acc.dtype:
+            value = tirx.Cast(acc.dtype, value)
+        return tirx.BufferStore(acc, value, idx)
 
-    body = _set_reduction_init(func.body, "y", make_init)
-    return func.with_body(body)
+    return func.with_body(_set_reduction_init(func.body, "y", make_init))
 
 
 def prim_func(spec: OpSpec, rows: int | None = None) -> tirx.PrimFunc:
@@ -207,7 +226,7 @@ def prim_func(spec: OpSpec, rows: int | None = None) -> tirx.PrimFunc:
     tensors = _BUILDERS[spec.op](spec, _Rows(spec.layout, rows))
     func = te.create_prim_func(tensors)
     if spec.op == "forward" and spec.bias:
-        func = _bias_init(func, spec.layout)
+        func = _bias_init(func)
     return func.with_attr("global_symbol", "main")
 
 

@@ -20,5 +20,10 @@ def grouped_linear(
     Returns:
         ``(..., G*O)`` or ``(B, G*O, L)``.
     """
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        # Like nn.Linear under autocast: compute in the autocast dtype (sums stay float32).
+        dtype = torch.get_autocast_dtype("cuda")
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     check_input(x, weight, bias, layout)
     return grouped_linear_op(x, weight, bias, layout)

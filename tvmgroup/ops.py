@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import tvm_ffi
 from torch import Tensor
 
 from tvmgroup.compute import OpSpec
@@ -40,7 +41,13 @@ def _out_shape(x: Tensor, groups: int, features: int, layout: str) -> list[int]:
 
 
 def _run(op: str, weight: Tensor, layout: str, bias: bool, device: torch.device, *args: Tensor) -> None:
-    kernel_for(_spec(op, weight, layout, bias), target_for_device(device))(*args)
+    kernel = kernel_for(_spec(op, weight, layout, bias), target_for_device(device))
+    if device.type == "cuda":
+        # Launch on torch's current stream of the tensors' device, as a built-in op would.
+        with torch.cuda.device(device), tvm_ffi.use_torch_stream():
+            kernel(*args)
+    else:
+        kernel(*args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ import torch
 
 from tvmgroup.compute import LAYOUTS
 
-SUPPORTED_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32,)}
+SUPPORTED_DTYPES = {
+    "cpu": (torch.float32,),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),  # half types accumulate in float32
+}
 
 
 def check_layout(layout: str) -> None:
