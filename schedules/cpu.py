@@ -27,6 +27,7 @@ from .roles import ROW_TILE_KEY, loop_roles
 ROW_TILES = (1, 2, 4, 8)  # symbolic row tile of forward / grad_input ("last")
 ROW_CHUNKS = (16, 32, 64, 128, 256)  # symbolic row chunk of grad_weight ("last")
 VECTOR_TILES = (8, 16, 32, 64)  # symbolic vector tile ("conv": the L axis)
+LANE_TILES = (8, 16, 32)  # lanes of grad_weight's partial sums along L ("conv")
 ROW_MULTIPLE = 256  # lcm of ROW_TILES and ROW_CHUNKS
 VECTOR_ALIGN = 16  # static vector loops are partitioned into a multiple of this + remainder
 
@@ -34,7 +35,8 @@ VECTOR_ALIGN = 16  # static vector loops are partitioned into a multiple of this
 def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: Knobs, tail: bool = False) -> None:
     """Applies the template to the op's PrimFunc in ``sch``."""
     roles = loop_roles(op, layout, bias)
-    nests = _nests(sch, roles)
+    # conv grad_weight vectorises the summed L, not its static vector loop: no partition.
+    nests = _nests(sch, roles, partition=not (op == "grad_weight" and layout == "conv"))
     if op == "grad_weight":
         row_tile = _schedule_weight_grad(sch, nests, layout, knobs, tail)
     else:
@@ -42,7 +44,10 @@ def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: K
     for nest in nests:
         sch.annotate(nest.block, ROW_TILE_KEY, row_tile)
     for name in roles.extra_blocks:
-        _schedule_column_sum(sch, name, row_tile if layout == "last" else 1)
+        if layout == "conv" and not tail:
+            _conv_column_sum_in_lanes(sch, name, row_tile)
+        else:
+            _schedule_column_sum(sch, name, row_tile if layout == "last" else 1)
 
 
 @dataclass
@@ -56,7 +61,7 @@ class _Nest:
     reduce: list
 
 
-def _nests(sch: s_tir.Schedule, roles) -> list[_Nest]:
+def _nests(sch: s_tir.Schedule, roles, partition: bool = True) -> list[_Nest]:
     """The main block's loop nest, or two if its static vector loop needs a remainder.
 
     A vector length that is not a power of two compiles to gathers and runs ~10x slower, so
@@ -69,7 +74,7 @@ def _nests(sch: s_tir.Schedule, roles) -> list[_Nest]:
     spatial, reduce = loops[:n], loops[n:]
     vec, others = spatial[-1], spatial[:-1]
     extent = None if roles.vector_symbolic else _extent(sch, vec)
-    if extent is None or extent % VECTOR_ALIGN == 0 or extent < VECTOR_ALIGN:
+    if not partition or extent is None or extent % VECTOR_ALIGN == 0 or extent < VECTOR_ALIGN:
         return [_nest(block, others, roles.row, vec, reduce)]
     name = sch.get(vec).loop_var.name
     sch.reorder(vec, *others)
@@ -149,6 +154,9 @@ def _accumulate_locally(sch, block, loop, tail: bool):
 
 def _schedule_weight_grad(sch, nests: list[_Nest], layout: str, knobs: Knobs, tail: bool) -> int:
     """grad_weight[g, o, k] = sum over rows of grad_y[row, g, o] * x[row, g, k]."""
+    if layout == "conv" and not tail:
+        (nest,) = nests
+        return _conv_weight_grad_in_lanes(sch, nest, knobs)
     chunk = 1
     if layout == "last" and not tail:
         chunk = knobs.inner_choice(sch, ROW_CHUNKS, 32)
@@ -171,6 +179,48 @@ def _schedule_weight_grad(sch, nests: list[_Nest], layout: str, knobs: Knobs, ta
         sch.parallel(sch.fuse(g, o0, k0))
         _finish_micro_kernel(sch, nest, o1, k1, None)
     return chunk
+
+
+def _conv_weight_grad_in_lanes(sch, nest: _Nest, knobs: Knobs) -> int:
+    """grad_weight in the conv layout: both operands are contiguous along the summed L.
+
+    L is split exactly into vector lanes and ``rfactor`` turns the lanes into a spatial axis
+    of a small per-tile buffer of partial sums (``o_tile x k_tile x lanes``, kept local),
+    which the tile reduces across lanes at the end. The kernel needs L % lanes == 0.
+    """
+    (g,) = nest.outer
+    b, l = nest.reduce
+    lanes = knobs.inner_choice(sch, LANE_TILES, 16)
+    l0, l1 = sch.split(l, [None, lanes], disable_predication=True)
+    o0, o1 = _split_static(sch, nest.row, knobs, 8, 4)
+    k0, k1 = _split_static(sch, nest.vec, knobs, 8, 4)
+    sch.reorder(g, o0, k0, b, l0, o1, k1, l1)
+    partial = sch.rfactor(l1, factor_axis=3)
+    g, o0, k0, *_ = sch.get_loops(partial)  # rfactor gave the original loops to the final sum
+    sch.reverse_compute_at(nest.block, k0)
+    sch.set_scope(partial, 0, "local")
+    sch.parallel(sch.fuse(g, o0, k0))
+    _, b, _, o1, k1, l1 = sch.get_loops(partial)
+    sch.unroll(o1)
+    sch.unroll(k1)
+    sch.vectorize(l1)
+    sch.decompose_reduction(partial, b)
+    return lanes
+
+
+def _conv_column_sum_in_lanes(sch: s_tir.Schedule, name: str, lanes: int) -> None:
+    """grad_bias in the conv layout: sums along the contiguous L in vector lanes (rfactor)."""
+    block = sch.get_sblock(name)
+    g, o, b, l = sch.get_loops(block)
+    l0, l1 = sch.split(l, [None, lanes], disable_predication=True)
+    partial = sch.rfactor(l1, factor_axis=2)
+    g, o, *_ = sch.get_loops(partial)
+    sch.reverse_compute_at(block, o)
+    sch.set_scope(partial, 0, "local")
+    sch.parallel(sch.fuse(g, o))
+    _, b, _, l1 = sch.get_loops(partial)
+    sch.vectorize(l1)
+    sch.decompose_reduction(partial, b)
 
 
 def _schedule_column_sum(sch: s_tir.Schedule, name: str, chunk: int) -> None:
