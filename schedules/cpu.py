@@ -48,6 +48,14 @@ def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: K
             _conv_column_sum_in_lanes(sch, name, row_tile)
         else:
             _schedule_column_sum(sch, name, row_tile if layout == "last" else 1)
+    for name in roles.packs:
+        _schedule_pack(sch, name)
+
+
+def _schedule_pack(sch: s_tir.Schedule, name: str) -> None:
+    """A weight transpose (G*K*O elements, once per call): groups in parallel."""
+    g, *_ = sch.get_loops(sch.get_sblock(name))
+    sch.parallel(g)
 
 
 @dataclass

@@ -24,12 +24,14 @@ class LoopRoles:
     row_symbolic: bool  # whether the row loop's extent is the symbolic row count
     vector_symbolic: bool  # whether the vector (last spatial) loop is symbolic
     extra_blocks: tuple[str, ...] = ()  # reductions computed beside the main one
+    packs: tuple[str, ...] = ()  # layout copies of the (small) weight
 
 
 def loop_roles(op: str, layout: str, bias: bool = True) -> LoopRoles:
     last = layout == "last"
     if op == "forward":
-        return LoopRoles("y", 3 if last else 4, 0 if last else 2, last, not last)
+        packs = ("weight_packed",) if last else ()
+        return LoopRoles("y", 3 if last else 4, 0 if last else 2, last, not last, packs=packs)
     if op == "grad_input":
         return LoopRoles("grad_x", 3 if last else 4, 0 if last else 2, last, not last)
     if op == "grad_weight":
