@@ -156,7 +156,8 @@ def _accumulate_locally(sch, block, loop, tail: bool):
     if tail:
         return None
     cache = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(cache, loop)
+    # Unit loops kept: the loop count must not depend on sampled tiles, or traces won't replay.
+    sch.reverse_compute_at(cache, loop, preserve_unit_loops=True)
     return cache
 
 

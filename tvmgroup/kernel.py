@@ -11,6 +11,7 @@ tile applies to the length L: other lengths run wholly through ``tail``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -49,13 +50,30 @@ class ScheduleChoice:
     note: str | None = None
 
 
+@functools.lru_cache(maxsize=None)
+def code_fingerprint() -> str:
+    """A hash of the compute definitions and schedule templates.
+
+    Part of every schedule's fingerprint, so kernels cached on disk by an older version of
+    this code are never loaded after it changes.
+    """
+    from tvmgroup import compute, schedules
+
+    digest = hashlib.sha256()
+    files = [Path(compute.__file__)] + sorted(Path(schedules.__file__).parent.glob("*.py"))
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def default_choice(spec: OpSpec, target: tvm.target.Target) -> ScheduleChoice:
     template = template_for(target.kind.name)
 
     def apply(sch: s_tir.Schedule) -> None:
         template(sch, spec.op, spec.layout, spec.bias, DefaultKnobs())
 
-    return ScheduleChoice("default", apply, fingerprint="default-v1")
+    return ScheduleChoice("default", apply, fingerprint="default")
 
 
 @dataclass
@@ -149,7 +167,8 @@ class KernelCache:
             return kernel
 
     def _paths(self, spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, target_json: str) -> Path:
-        digest = hashlib.sha256(f"{target_json}|{choice.fingerprint}".encode()).hexdigest()[:16]
+        key = f"{target_json}|{choice.fingerprint}|{code_fingerprint()}"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return kernel_cache_dir() / tvm.__version__ / target_key(target) / f"{spec.key}-{digest}"
 
     def _load_or_build(self, spec, target, choice, target_json) -> Kernel:
