@@ -13,6 +13,7 @@ import sys
 # name -> module under tvmgroup.commands that defines register(subparsers)
 COMMANDS = {
     "demo": "tvmgroup.commands.demo",
+    "bench": "tvmgroup.commands.bench",
 }
 
 

@@ -1,0 +1,142 @@
+"""tvmgroup bench: formulations agree with float64, the timing helper counts right, the outputs
+are written, and bad options are refused. No assertions on timings."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from tvmgroup.bench import formulations as registry
+from tvmgroup.bench.runner import TOLERANCE, Settings, make_buffers, run_shape, shared_parameters
+from tvmgroup.bench.shapes import DEFAULT_SHAPES, Shape, parse_shape
+from tvmgroup.bench.timing import CpuTimer, Timing, time_calls
+from tvmgroup.cli import main
+
+SMALL = Shape(24, 3, 5, 4)
+
+
+@pytest.mark.parametrize("name", list(registry.FORMULATIONS))
+def test_formulation_matches_float64_reference(name):
+    formulation = registry.FORMULATIONS[name]
+    weight, bias = shared_parameters(SMALL, seed=0)
+    (x, grad_y), = make_buffers(SMALL, 1, seed=0)
+    try:
+        inst = formulation.build(weight, bias)
+        got = registry.run_once(inst, formulation.layout, x, grad_y)
+    except Exception as err:  # torch.compile needs a working C++ compiler
+        if name == "compile-bmm":
+            pytest.skip(f"torch.compile cannot run here: {err}")
+        raise
+    assert got["y"].shape == (SMALL.n, SMALL.groups * SMALL.out_features)
+    assert got["grad_x"].shape == x.shape
+    assert got["grad_weight"].shape == weight.shape
+    assert got["grad_bias"].shape == bias.shape
+    errors = registry.relative_errors(got, registry.reference(x, weight, bias, grad_y))
+    assert set(errors) == {"y", "y_autograd", "grad_x", "grad_weight", "grad_bias"}
+    assert all(e <= TOLERANCE for e in errors.values()), errors
+
+
+def test_wrong_formulation_is_reported_not_timed(monkeypatch):
+    class Broken(registry.Bmm):
+        def __call__(self, x):
+            return super().__call__(x) * 1.01
+
+    broken = registry.Formulation("broken", "scaled output", Broken)
+    calls = []
+    monkeypatch.setattr("tvmgroup.bench.runner.time_formulation", lambda *a, **k: calls.append(a))
+    result = run_shape(SMALL, [broken], Settings(warmup=0, repeats=1, buffers=1)).results[0]
+    assert result.status == "wrong" and "relative error" in result.message
+    assert result.forward is None and not calls
+
+
+def test_failing_formulation_is_reported():
+    def explode(weight, bias):
+        raise RuntimeError("no compiler")
+
+    result = run_shape(SMALL, [registry.Formulation("boom", "fails", explode)],
+                       Settings(warmup=0, repeats=1, buffers=1)).results[0]
+    assert result.status == "failed" and "no compiler" in result.message
+
+
+def test_time_calls_counts_warmup_and_repeats():
+    ticks = iter(range(1000))
+    seen = []
+    timing = time_calls(seen.append, warmup=3, repeats=7, timer=CpuTimer(clock=lambda: next(ticks) * 0.001))
+    assert seen == list(range(10))  # warm-up then timed calls, indices counting up
+    assert len(timing.samples_ms) == 7
+    assert timing.samples_ms == pytest.approx([1.0] * 7)
+    assert timing.median_ms == pytest.approx(statistics.median(timing.samples_ms))
+
+
+def test_timing_summary():
+    timing = Timing([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert timing.median_ms == 3.0 and timing.min_ms == 1.0
+    assert (timing.q1_ms, timing.q3_ms, timing.iqr_ms) == (2.0, 4.0, 2.0)
+    assert set(timing.to_dict()) >= {"median_ms", "min_ms", "iqr_ms", "samples_ms"}
+
+
+def test_buffers_are_random_and_distinct():
+    buffers = make_buffers(SMALL, 3, seed=0)
+    assert len(buffers) == 3
+    assert all(x.abs().min() > 0 and gy.abs().min() > 0 for x, gy in buffers)
+    assert not torch.equal(buffers[0][0], buffers[1][0])
+
+
+def test_shape_counts():
+    s = Shape(4096, 32, 64, 64)
+    assert s.flops(False) == 2 * 4096 * 32 * 64 * 64
+    assert s.flops(True) == 3 * s.flops(False)
+    assert s.bytes_moved(True) > s.bytes_moved(False) > 0
+    assert parse_shape(" 4096, 32,64 ,64") == s
+    assert {(d.n, d.groups, d.in_features) for d in DEFAULT_SHAPES} >= {(4096, 32, 64), (4096, 8, 100), (1024, 100, 16)}
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("4096,32,64", "four"), ("a,2,3,4", "N must be an integer"), ("4,0,3,4", "G must be positive"),
+    ("100000000,100,100,100", "too large"),
+])
+def test_cli_rejects_bad_shape(bad, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--shape", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--shape" in err and words in err
+
+
+def test_cli_rejects_unknown_formulation(tmp_path, capsys):
+    code = main(["bench", "--shape", "8,2,3,4", "--formulations", "bmm,nope", "--output", str(tmp_path)])
+    assert code == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_cli_cuda_without_gpu_says_so(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", "--device", "cuda", "--output", str(tmp_path)]) == 2
+    assert "GPU benchmarking is not available yet" in capsys.readouterr().err
+
+
+def test_tiny_run_writes_json_and_png(tmp_path, capsys):
+    out = tmp_path / "results"
+    code = main(["bench", "--quick", "--shape", "64,4,8,8", "--formulations", "bmm,conv1d,tvmgroup",
+                 "--repeats", "2", "--output", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "tvmgroup speedup over the best PyTorch formulation" in table
+    data = json.loads((out / "bench.json").read_text())
+    assert data["machine"]["cpu_count"] >= 1 and data["machine"]["torch"] == torch.__version__
+    assert data["ceilings"]["sgemm_gflops"] > 0 and data["ceilings"]["copy_gbs"] > 0
+    (shape,) = data["shapes"]
+    assert shape["shape"] == {"n": 64, "groups": 4, "in_features": 8, "out_features": 8}
+    assert [r["name"] for r in shape["results"]] == ["conv1d", "bmm", "tvmgroup"]
+    for r in shape["results"]:
+        assert r["status"] == "ok", r
+        assert len(r["forward"]["samples_ms"]) == 2 and len(r["forward_backward"]["samples_ms"]) == 2
+    assert shape["floors"]["forward"]["floor_ms"] > 0
+    assert shape["tvmgroup_speedup"]["forward_backward"]["best_pytorch"] in {"conv1d", "bmm"}
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "bench.txt").read_text() == table.split("\nwrote ")[0]
+    assert "| **tvmgroup** |" in (out / "bench.md").read_text()

@@ -1,0 +1,173 @@
+"""The benchmark's outputs: a text table, a JSON file of every raw number, a PNG chart.
+
+Per shape the table shows each formulation's median times, its GFLOP/s and how close it gets
+to the shape's floor: the larger of the compute floor (FLOPs / measured SGEMM rate) and the
+memory floor (bytes / measured copy bandwidth). ``% floor`` = floor / time, 100% = at the floor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tvmgroup.bench.machine import Ceilings
+from tvmgroup.bench.runner import Result, ShapeResult
+from tvmgroup.bench.shapes import Shape
+
+
+def floors_ms(shape: Shape, ceilings: Ceilings, backward: bool) -> dict[str, float]:
+    """Compute and memory floors in milliseconds (the time no implementation can beat)."""
+    compute = shape.flops(backward) / (ceilings.sgemm_gflops * 1e9) * 1e3
+    memory = shape.bytes_moved(backward) / (ceilings.copy_gbs * 1e9) * 1e3
+    return {"compute_ms": compute, "memory_ms": memory, "floor_ms": max(compute, memory)}
+
+
+def _cell(result: Result, backward: bool, shape: Shape, floor_ms: float) -> list[str]:
+    timing = result.forward_backward if backward else result.forward
+    if timing is None:
+        return ["-", "-", "-"]
+    gflops = shape.flops(backward) / (timing.median_ms * 1e6)
+    return [f"{timing.median_ms:.3f}", f"{gflops:.1f}", f"{100 * floor_ms / timing.median_ms:.0f}%"]
+
+
+def _speedup_text(shape_result: ShapeResult, backward: bool) -> str:
+    speedup = shape_result.speedup(backward)
+    if speedup is None:
+        return "n/a"
+    value, name = speedup
+    return f"{value:.2f}x (vs {name})"
+
+
+def format_shape(shape_result: ShapeResult, ceilings: Ceilings) -> str:
+    shape = shape_result.shape
+    fwd, bwd = floors_ms(shape, ceilings, False), floors_ms(shape, ceilings, True)
+    lines = [
+        f"{shape.label}: fwd {shape.flops(False) / 1e9:.3f} GFLOP, {shape.bytes_moved(False) / 1e6:.1f} MB; "
+        f"fwd+bwd {shape.flops(True) / 1e9:.3f} GFLOP, {shape.bytes_moved(True) / 1e6:.1f} MB",
+        f"  floors fwd: compute {fwd['compute_ms']:.3f} ms, memory {fwd['memory_ms']:.3f} ms; "
+        f"fwd+bwd: compute {bwd['compute_ms']:.3f} ms, memory {bwd['memory_ms']:.3f} ms",
+    ]
+    header = ["formulation", "fwd ms", "GFLOP/s", "% floor", "fwd+bwd ms", "GFLOP/s", "% floor", "note"]
+    rows = []
+    for r in shape_result.results:
+        note = r.message if r.status != "ok" else ""
+        if r.status != "ok":
+            note = f"{r.status.upper()}: {note}"
+        rows.append([r.name, *_cell(r, False, shape, fwd["floor_ms"]), *_cell(r, True, shape, bwd["floor_ms"]), note])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:-1], widths[1:])]
+        lines.append(("  " + "  ".join(cells) + ("  " + row[-1] if row[-1] else "")).rstrip())
+    lines.append(
+        f"  tvmgroup speedup over the best PyTorch formulation: fwd {_speedup_text(shape_result, False)}, "
+        f"fwd+bwd {_speedup_text(shape_result, True)}"
+    )
+    return "\n".join(lines)
+
+
+def format_report(shape_results: list[ShapeResult], ceilings: Ceilings, info: dict) -> str:
+    head = [
+        f"{info['cpu_model']}, {info['cpu_count']} cores, {info['threads']} threads; "
+        f"torch {info['torch']}, tvm {info['tvm']}; float32, median of timed calls",
+        f"measured ceilings: SGEMM {ceilings.sgemm_gflops:.1f} GFLOP/s (torch.mm {ceilings.sgemm_size}^2), "
+        f"memory {ceilings.copy_gbs:.1f} GB/s (copy_ of {ceilings.copy_mbytes} MB, read + write)",
+    ]
+    return "\n\n".join(["\n".join(head), *(format_shape(s, ceilings) for s in shape_results)]) + "\n"
+
+
+def format_markdown(shape_results: list[ShapeResult], ceilings: Ceilings, info: dict) -> str:
+    """The same numbers as :func:`format_report`, as Markdown tables (for docs/performance.md)."""
+    lines = [
+        f"{info['cpu_model']}, {info['cpu_count']} cores, {info['threads']} threads; torch {info['torch']}, "
+        f"tvm {info['tvm']}; `{info['command']}` at {info['utc']}.",
+        "",
+        f"Measured ceilings: SGEMM {ceilings.sgemm_gflops:.1f} GFLOP/s (`torch.mm` {ceilings.sgemm_size}^2), "
+        f"memory {ceilings.copy_gbs:.1f} GB/s (`copy_` of {ceilings.copy_mbytes} MB, read + write).",
+    ]
+    for s in shape_results:
+        shape = s.shape
+        fwd, bwd = floors_ms(shape, ceilings, False), floors_ms(shape, ceilings, True)
+        lines += [
+            "",
+            f"**{shape.label}**: floors fwd {fwd['compute_ms']:.3f} ms compute / {fwd['memory_ms']:.3f} ms memory; "
+            f"fwd+bwd {bwd['compute_ms']:.3f} ms compute / {bwd['memory_ms']:.3f} ms memory.",
+            "",
+            "| formulation | fwd ms | GFLOP/s | % floor | fwd+bwd ms | GFLOP/s | % floor | note |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in s.results:
+            name = f"**{r.name}**" if r.is_tvmgroup else r.name
+            note = "" if r.status == "ok" else f"{r.status.upper()}: {r.message}".replace("|", "/")
+            cells = [*_cell(r, False, shape, fwd["floor_ms"]), *_cell(r, True, shape, bwd["floor_ms"])]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {note} |")
+        lines += ["", f"tvmgroup speedup over the best PyTorch formulation: fwd {_speedup_text(s, False)}, "
+                      f"fwd+bwd {_speedup_text(s, True)}."]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(shape_results: list[ShapeResult], ceilings: Ceilings, info: dict, options: dict) -> dict:
+    shapes = []
+    for s in shape_results:
+        entry = {
+            "shape": s.shape.to_dict(),
+            "flops": {"forward": s.shape.flops(False), "forward_backward": s.shape.flops(True)},
+            "bytes": {"forward": s.shape.bytes_moved(False), "forward_backward": s.shape.bytes_moved(True)},
+            "floors": {"forward": floors_ms(s.shape, ceilings, False),
+                       "forward_backward": floors_ms(s.shape, ceilings, True)},
+            "results": [r.to_dict() for r in s.results],
+        }
+        for key, backward in (("forward", False), ("forward_backward", True)):
+            speedup = s.speedup(backward)
+            entry.setdefault("tvmgroup_speedup", {})[key] = (
+                {"speedup": speedup[0], "best_pytorch": speedup[1]} if speedup else None
+            )
+        shapes.append(entry)
+    return {"machine": info, "options": options, "ceilings": ceilings.to_dict(), "shapes": shapes}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_chart(path: Path, shape_results: list[ShapeResult]) -> bool:
+    """Bars of tvmgroup's speedup over each PyTorch formulation, fwd and fwd+bwd side by side.
+
+    Returns False (and writes nothing) when there is no tvmgroup timing to compare with.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for s in shape_results:
+        for r in s.results:
+            if not r.is_tvmgroup and r.name not in names:
+                names.append(r.name)
+    if not names or not any(s.tvmgroup() and s.tvmgroup().forward for s in shape_results):
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(shape_results) + 4), 4.8), sharey=True)
+    width = 0.8 / len(names)
+    for ax, backward, title in ((axes[0], False, "forward"), (axes[1], True, "forward + backward")):
+        for j, name in enumerate(names):
+            values = []
+            for s in shape_results:
+                ours = s.tvmgroup()
+                other = next((r for r in s.results if r.name == name), None)
+                ours_t = ours and (ours.forward_backward if backward else ours.forward)
+                other_t = other and (other.forward_backward if backward else other.forward)
+                values.append(other_t.median_ms / ours_t.median_ms if ours_t and other_t else float("nan"))
+            xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(shape_results))]
+            ax.bar(xs, values, width, label=name)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(shape_results)))
+        ax.set_xticklabels([s.shape.label.replace(" ", "\n") for s in shape_results], fontsize=8)
+        ax.set_title(f"{title}: tvmgroup speedup (>1 = tvmgroup faster)")
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0].set_ylabel("formulation time / tvmgroup time")
+    axes[1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

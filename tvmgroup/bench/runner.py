@@ -1,0 +1,195 @@
+"""Runs the benchmark: per shape, each formulation is built, checked against float64, then timed.
+
+A formulation that fails to build or run is recorded as ``failed``, one whose results differ
+from the reference as ``wrong``; neither is timed, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from tvmgroup.bench.formulations import (
+    Formulation,
+    Instance,
+    reference,
+    relative_errors,
+    run_once,
+    to_layout,
+)
+from tvmgroup.bench.shapes import BYTES_PER_ELEMENT, Shape
+from tvmgroup.bench.timing import Timer, Timing, time_calls
+
+# Largest allowed max|got - ref| / max|ref| for float32 results.
+TOLERANCE = 1e-4
+
+# Input buffers per shape are capped at this many bytes in all.
+BUFFER_BUDGET_BYTES = 384 << 20
+
+
+@dataclass
+class Settings:
+    warmup: int
+    repeats: int
+    buffers: int
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    """One formulation at one shape."""
+
+    name: str
+    is_tvmgroup: bool
+    status: str  # "ok", "wrong", "failed" or "skipped"
+    message: str = ""
+    errors: dict[str, float] = field(default_factory=dict)
+    setup_s: float = 0.0  # build + check, which includes any compilation
+    forward: Timing | None = None
+    forward_backward: Timing | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "is_tvmgroup": self.is_tvmgroup,
+            "status": self.status,
+            "message": self.message,
+            "relative_errors": self.errors,
+            "setup_s": self.setup_s,
+            "forward": self.forward.to_dict() if self.forward else None,
+            "forward_backward": self.forward_backward.to_dict() if self.forward_backward else None,
+        }
+
+
+@dataclass
+class ShapeResult:
+    shape: Shape
+    results: list[Result]
+
+    def best_pytorch(self, backward: bool) -> Result | None:
+        """The fastest PyTorch formulation that ran correctly, by median."""
+        timed = [r for r in self.results if not r.is_tvmgroup and _timing(r, backward)]
+        return min(timed, key=lambda r: _timing(r, backward).median_ms, default=None)
+
+    def tvmgroup(self) -> Result | None:
+        return next((r for r in self.results if r.is_tvmgroup), None)
+
+    def speedup(self, backward: bool) -> tuple[float, str] | None:
+        """(best PyTorch median / tvmgroup median, name of that PyTorch formulation)."""
+        best, ours = self.best_pytorch(backward), self.tvmgroup()
+        if best is None or ours is None or _timing(ours, backward) is None:
+            return None
+        return _timing(best, backward).median_ms / _timing(ours, backward).median_ms, best.name
+
+
+def _timing(result: Result, backward: bool) -> Timing | None:
+    return result.forward_backward if backward else result.forward
+
+
+def make_buffers(shape: Shape, count: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """``count`` pairs of fresh standard-normal (x, grad_y), within the buffer budget."""
+    per_pair = shape.n * shape.groups * (shape.in_features + shape.out_features) * BYTES_PER_ELEMENT
+    count = max(1, min(count, BUFFER_BUDGET_BYTES // max(per_pair, 1)))
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(shape.n, shape.groups * shape.in_features, generator=gen),
+         torch.randn(shape.n, shape.groups * shape.out_features, generator=gen))
+        for _ in range(count)
+    ]
+
+
+def shared_parameters(shape: Shape, seed: int) -> tuple[Tensor, Tensor]:
+    """One weight (G, O, K) and bias (G, O), scaled like nn.Linear's initialisation."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    scale = shape.in_features ** -0.5
+    weight = torch.randn(shape.groups, shape.out_features, shape.in_features, generator=gen) * scale
+    bias = torch.randn(shape.groups, shape.out_features, generator=gen) * scale
+    return weight, bias
+
+
+def check(inst: Instance, formulation: Formulation, x: Tensor, grad_y: Tensor,
+          ref: dict[str, Tensor]) -> dict[str, float]:
+    return relative_errors(run_once(inst, formulation.layout, x, grad_y), ref)
+
+
+def time_formulation(inst: Instance, layout: str, buffers: list[tuple[Tensor, Tensor]],
+                     settings: Settings, timer: Timer | None) -> tuple[Timing, Timing]:
+    """Forward (without autograd) and forward+backward (grads of x, weight and bias) timings."""
+    xs = [to_layout(x, layout).detach().clone() for x, _ in buffers]
+    gys = [to_layout(gy, layout) for _, gy in buffers]
+    count = len(xs)
+
+    def forward(i: int) -> None:
+        with torch.no_grad():
+            inst(xs[i % count])
+
+    forward_timing = time_calls(forward, warmup=settings.warmup, repeats=settings.repeats, timer=timer)
+
+    leaves = [x.requires_grad_(True) for x in xs]
+
+    def forward_backward(i: int) -> None:
+        x = leaves[i % count]
+        x.grad = None
+        inst.zero_grad()
+        inst(x).backward(gys[i % count])
+
+    backward_timing = time_calls(forward_backward, warmup=settings.warmup, repeats=settings.repeats, timer=timer)
+    return forward_timing, backward_timing
+
+
+def run_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias: Tensor,
+                    buffers: list[tuple[Tensor, Tensor]], ref: dict[str, Tensor],
+                    settings: Settings, timer: Timer | None) -> Result:
+    result = Result(formulation.name, formulation.is_tvmgroup, "ok")
+    reason = formulation.why_not(shape)
+    if reason:
+        result.status, result.message = "skipped", reason
+        return result
+    start = time.perf_counter()
+    try:
+        inst = formulation.build(weight, bias)
+        result.errors = check(inst, formulation, *buffers[0], ref)
+    except Exception as err:  # a formulation that cannot run here is reported, not fatal
+        result.status = "failed"
+        result.message = f"{type(err).__name__}: {err}".strip().splitlines()[0][:500]
+        result.setup_s = time.perf_counter() - start
+        traceback.clear_frames(err.__traceback__)
+        return result
+    result.setup_s = time.perf_counter() - start
+    bad = {k: v for k, v in result.errors.items() if not v <= TOLERANCE}  # NaN counts as bad
+    if bad:
+        result.status = "wrong"
+        result.message = "relative error " + ", ".join(f"{k}={v:.1e}" for k, v in bad.items()) + \
+            f" > {TOLERANCE:.0e}"
+        return result
+    try:
+        result.forward, result.forward_backward = time_formulation(inst, formulation.layout, buffers, settings, timer)
+    except Exception as err:
+        result.status = "failed"
+        result.message = f"while timing: {type(err).__name__}: {err}".strip().splitlines()[0][:500]
+    return result
+
+
+def run_shape(shape: Shape, formulations: list[Formulation], settings: Settings,
+              timer: Timer | None = None, on_start: Callable[[str], None] | None = None,
+              on_done: Callable[[Result], None] | None = None) -> ShapeResult:
+    """All formulations at one shape; ``on_start(name)`` / ``on_done(result)`` bracket each."""
+    weight, bias = shared_parameters(shape, settings.seed)
+    buffers = make_buffers(shape, settings.buffers, settings.seed)
+    x0, grad_y0 = buffers[0]
+    ref = reference(x0, weight, bias, grad_y0)
+    results = []
+    for formulation in formulations:
+        if on_start:
+            on_start(formulation.name)
+        results.append(run_formulation(formulation, shape, weight, bias, buffers, ref, settings, timer))
+        gc.collect()
+        if on_done:
+            on_done(results[-1])
+    return ShapeResult(shape, results)

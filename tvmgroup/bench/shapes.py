@@ -1,0 +1,83 @@
+"""Benchmark shapes (N rows, G groups, K -> O features) and their work and traffic counts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+BYTES_PER_ELEMENT = 4  # float32
+
+
+@dataclass(frozen=True)
+class Shape:
+    """``x`` is ``(n, groups*in_features)``, ``y`` is ``(n, groups*out_features)``."""
+
+    n: int
+    groups: int
+    in_features: int
+    out_features: int
+
+    @property
+    def label(self) -> str:
+        return f"N={self.n} G={self.groups} K={self.in_features} O={self.out_features}"
+
+    @property
+    def short(self) -> str:
+        return f"{self.n},{self.groups},{self.in_features},{self.out_features}"
+
+    def flops(self, backward: bool) -> int:
+        """Forward: one multiply-add per (row, group, in, out); backward adds grad_x and grad_W."""
+        forward = 2 * self.n * self.groups * self.in_features * self.out_features
+        return 3 * forward if backward else forward
+
+    def bytes_moved(self, backward: bool) -> int:
+        """Bytes if every tensor is read or written exactly once (the memory floor's traffic).
+
+        Forward: x, W, b read, y written. Forward+backward adds grad_y read and grad_x, grad_W,
+        grad_b written (x and W count once although the backward pass reads them again).
+        """
+        n, g, k, o = self.n, self.groups, self.in_features, self.out_features
+        x, y, w, b = n * g * k, n * g * o, g * o * k, g * o
+        elements = x + y + w + b
+        if backward:
+            elements += y + x + w + b  # grad_y, grad_x, grad_W, grad_b
+        return elements * BYTES_PER_ELEMENT
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Shapes from real use. Group counts near 100 with small groups are where nn.Conv1d(groups=G)
+# is slowest relative to the work it does.
+DEFAULT_SHAPES: tuple[Shape, ...] = (
+    Shape(4096, 32, 64, 64),
+    Shape(4096, 8, 100, 100),
+    Shape(1024, 100, 16, 16),
+    Shape(4096, 96, 16, 16),
+    Shape(2048, 100, 32, 32),
+)
+
+# Keeps a mistyped shape from allocating the machine's whole memory.
+MAX_ELEMENTS = 1 << 28
+
+
+def parse_shape(text: str) -> Shape:
+    """Parses ``N,G,K,O`` (four positive integers); raises ValueError saying what is wrong."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 4:
+        raise ValueError(f"--shape expects N,G,K,O (four comma-separated integers), got {text!r}")
+    values = []
+    for name, part in zip(("N", "G", "K", "O"), parts):
+        try:
+            value = int(part)
+        except ValueError:
+            raise ValueError(f"--shape {text!r}: {name} must be an integer, got {part!r}") from None
+        if value < 1:
+            raise ValueError(f"--shape {text!r}: {name} must be positive, got {value}")
+        values.append(value)
+    shape = Shape(*values)
+    largest = shape.n * shape.groups * max(shape.in_features, shape.out_features)
+    if largest > MAX_ELEMENTS:
+        raise ValueError(
+            f"--shape {text!r} is too large: an activation of {largest} elements (limit {MAX_ELEMENTS})"
+        )
+    return shape

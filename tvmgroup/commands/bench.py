@@ -1,0 +1,167 @@
+"""``tvmgroup bench``: times PyTorch's formulations of a grouped linear layer against tvmgroup."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tvmgroup.bench.formulations import FORMULATIONS
+from tvmgroup.bench.shapes import DEFAULT_SHAPES, parse_shape
+
+FULL = {"warmup": 3, "repeats": 20, "buffers": 4, "sgemm_size": 2048, "ceiling_repeats": 5}
+QUICK = {"warmup": 1, "repeats": 5, "buffers": 2, "sgemm_size": 2048, "ceiling_repeats": 3}
+
+DESCRIPTION = """\
+Times the forward pass (without autograd) and the forward+backward pass (gradients of x,
+weight and bias) of every formulation of y[n,g,:] = x[n,g,:] @ W[g]^T + b[g], float32 on the
+CPU, at each shape N,G,K,O (N rows, G groups, K -> O features per group).
+
+Before timing, each formulation's output and gradients are compared with a float64 reference;
+one that differs (relative error > 1e-4) is reported WRONG and not timed, one that cannot run
+(e.g. torch.compile without a working compiler) is reported FAILED, and the run goes on.
+Compilation (torch.compile, tvmgroup's first call of a shape) happens during that check and is
+not timed. Each timing is the median over --repeats calls after --warmup untimed calls; every
+call takes the next of several freshly random input buffers. conv1d takes its input in its
+natural layout, a contiguous (1, G*K, N) (N as the length axis, prepared untimed); every other
+formulation takes (N, G*K) and returns (N, G*O). block-diag prebuilds its dense weight for the
+forward timing and builds it from the (G, O, K) weight on every fwd+bwd call, so its weight
+gradient stays block-diagonal.
+
+The run also measures this machine's ceilings: SGEMM rate (a square float32 torch.mm) and
+memory bandwidth (a 256 MB copy_, read + write). Per shape the report gives the compute floor
+(FLOPs / SGEMM rate) and the memory floor (bytes of x, y, W, b -- and for fwd+bwd grad_y,
+grad_x, grad_W, grad_b -- moved once / bandwidth); "% floor" is the larger floor over the
+measured time. FLOPs: forward 2*N*G*K*O, forward+backward 3x that.
+"""
+
+EPILOG = "formulations:\n" + "\n".join(f"  {f.name:<12} {f.description}" for f in FORMULATIONS.values()) + f"""
+
+default shapes (N,G,K,O): {'  '.join(s.short for s in DEFAULT_SHAPES)}
+
+outputs in --output DIR: bench.txt (the table, also printed), bench.md (the same as Markdown
+tables, for docs/performance.md), bench.json (every sample, the
+floors, machine info: CPU model, cores, torch/tvm versions, command line), bench.png (chart of
+tvmgroup's speedup over each formulation; not with --no-chart).
+
+exit status: 0, or 1 if a formulation computed a wrong result, 2 on a usage error.
+"""
+
+
+def _shape_arg(text: str):
+    try:
+        return parse_shape(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time PyTorch formulations of a grouped linear layer against tvmgroup",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--shape", type=_shape_arg, action="append", metavar="N,G,K,O",
+                   help="a shape to time (repeatable); replaces the default shapes")
+    p.add_argument("--quick", action="store_true",
+                   help=f"short run: {QUICK['repeats']} repeats after {QUICK['warmup']} warm-up call, "
+                        f"{QUICK['buffers']} input buffers (default {FULL['repeats']} repeats, "
+                        f"{FULL['warmup']} warm-up calls, {FULL['buffers']} buffers); same shapes")
+    p.add_argument("--repeats", type=_positive, help="timed calls per measurement (overrides --quick)")
+    p.add_argument("--warmup", type=_non_negative, help="untimed calls before timing (overrides --quick)")
+    p.add_argument("--formulations", metavar="NAME[,NAME...]",
+                   help=f"only these formulations (default all: {','.join(FORMULATIONS)})")
+    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1,
+                   help="threads for PyTorch and TVM (default: os.cpu_count() = %(default)s)")
+    p.add_argument("--output", type=Path, default=Path("bench-results"), metavar="DIR",
+                   help="directory for bench.txt, bench.md, bench.json, bench.png (default: %(default)s/)")
+    p.add_argument("--no-chart", action="store_true", help="do not draw bench.png")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where to run (default cpu; cuda: GPU benchmarking is not available yet)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from tvmgroup.bench import formulations as registry
+    from tvmgroup.bench.machine import machine_info, measure_ceilings
+    from tvmgroup.bench.report import format_markdown, format_report, to_json, write_chart, write_json
+    from tvmgroup.bench.runner import Settings, run_shape
+    from tvmgroup.bench.timing import timer_for
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA GPU found, and GPU benchmarking is not available yet")
+    timer = timer_for(args.device)
+    chosen = registry.select(args.formulations)
+    shapes = list(args.shape or DEFAULT_SHAPES)
+    preset = QUICK if args.quick else FULL
+    settings = Settings(
+        warmup=preset["warmup"] if args.warmup is None else args.warmup,
+        repeats=args.repeats or preset["repeats"],
+        buffers=preset["buffers"],
+        seed=args.seed,
+    )
+    torch.set_num_threads(args.threads)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
+    args.output.mkdir(parents=True, exist_ok=True)
+
+    info = machine_info(args.threads, args.device)
+    options = {
+        "shapes": [s.short for s in shapes], "formulations": [f.name for f in chosen],
+        "quick": args.quick, "warmup": settings.warmup, "repeats": settings.repeats,
+        "buffers": settings.buffers, "threads": args.threads, "seed": args.seed,
+    }
+    with tqdm(total=1 + len(shapes) * len(chosen), desc="bench", unit="step", file=sys.stderr,
+              dynamic_ncols=True, mininterval=1.0) as bar:
+        bar.set_postfix_str("measuring ceilings")
+        ceilings = measure_ceilings(preset["sgemm_size"], 256, preset["ceiling_repeats"])
+        bar.update()
+        shape_results = []
+        for shape in shapes:
+            def start(name: str, shape=shape) -> None:
+                bar.set_postfix_str(f"{shape.short} {name}")
+
+            def done(result, shape=shape) -> None:
+                if result.status in ("wrong", "failed"):
+                    bar.write(f"{shape.label} {result.name}: {result.status.upper()}: {result.message}")
+                bar.update()
+
+            shape_results.append(run_shape(shape, chosen, settings, timer, on_start=start, on_done=done))
+
+    text = format_report(shape_results, ceilings, info)
+    print(text, end="")
+    (args.output / "bench.txt").write_text(text)
+    write_json(args.output / "bench.json", to_json(shape_results, ceilings, info, options))
+    (args.output / "bench.md").write_text(format_markdown(shape_results, ceilings, info))
+    written = ["bench.txt", "bench.md", "bench.json"]
+    if not args.no_chart and write_chart(args.output / "bench.png", shape_results):
+        written.append("bench.png")
+    print(f"\nwrote {', '.join(str(args.output / name) for name in written)}")
+    wrong = [(s.shape.short, r.name) for s in shape_results for r in s.results if r.status == "wrong"]
+    return 1 if wrong else 0
