@@ -1,0 +1,154 @@
+"""grouped_linear forward and backward against float64 einsum, over shapes and both layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tvmgroup import grouped_linear
+
+# (groups, in_features, out_features): general, G=1, K=1, 256 groups of 4, and vector
+# loops that are not a multiple of 16 (partitioned into a main part and a remainder).
+SHAPES = [(3, 5, 4), (1, 7, 6), (4, 1, 3), (256, 4, 4), (2, 20, 36)]
+SHAPE_IDS = ["g3k5o4", "G1", "K1", "g256x4", "g2k20o36"]
+
+# Leading dims of x in the "last" layout (rows: 1, 13 and 97 are not multiples of any row
+# tile, 64 is) and (B, L) of the "conv" layout (L=64 runs the main kernel, the rest the tail).
+LAST_LEADING = [(1,), (13,), (97,), (64,), (2, 3)]
+CONV_BL = [(1, 1), (2, 13), (1, 97), (2, 64)]
+
+
+def _x_shapes(layout: str, features: int) -> list[tuple[int, ...]]:
+    if layout == "last":
+        return [(*lead, features) for lead in LAST_LEADING]
+    return [(b, features, l) for b, l in CONV_BL]
+
+
+def _check_forward_backward(x, weight, bias, layout, ref_grads, close) -> None:
+    leaves = [t.requires_grad_() for t in (x, weight, bias) if t is not None]
+    y = grouped_linear(x, weight, bias, layout=layout)
+    grad_y = torch.randn_like(y)
+    expect = ref_grads(x, weight, bias, grad_y, layout)
+    close(y, *expect["y"], what=f"y {tuple(x.shape)}")
+    y.backward(grad_y)
+    close(x.grad, *expect["x"], what="grad_x")
+    close(weight.grad, *expect["weight"], what="grad_weight")
+    if bias is not None:
+        close(bias.grad, *expect["bias"], what="grad_bias")
+    assert all(t.grad is not None for t in leaves)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_forward_and_backward_match_float64(shape, layout, bias, inputs, ref_grads, close):
+    g, k, o = shape
+    for x_shape in _x_shapes(layout, g * k):
+        x, weight, b = inputs(g, k, o, x_shape, bias)
+        _check_forward_backward(x, weight, b, layout, ref_grads, close)
+
+
+@pytest.mark.parametrize("layout", ["last", "conv"])
+def test_extra_leading_dims_and_prime_length(layout, inputs, ref_grads, close):
+    shape = (2, 3, 15) if layout == "last" else (3, 15, 31)
+    x, weight, b = inputs(3, 5, 4, shape)
+    _check_forward_backward(x, weight, b, layout, ref_grads, close)
+
+
+@pytest.mark.parametrize(
+    "requires", [("x",), ("weight",), ("bias",), ("x", "bias"), ("weight", "bias"), ("x", "weight")]
+)
+def test_only_some_inputs_require_grad(requires, inputs, ref_grads, close):
+    x, weight, bias = inputs(3, 5, 4, (13, 15))
+    tensors = {"x": x, "weight": weight, "bias": bias}
+    for name in requires:
+        tensors[name].requires_grad_()
+    y = grouped_linear(x, weight, bias)
+    grad_y = torch.randn_like(y)
+    expect = ref_grads(x, weight, bias, grad_y, "last")
+    y.backward(grad_y)
+    for name, t in tensors.items():
+        if name in requires:
+            close(t.grad, *expect[name], what=f"grad_{name}")
+        else:
+            assert t.grad is None, f"{name} does not require grad but got one"
+
+
+def test_weight_grad_without_bias(inputs, ref_grads, close):
+    x, weight, _ = inputs(3, 5, 4, (13, 15), bias=False)
+    weight.requires_grad_()
+    y = grouped_linear(x, weight, None)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    close(weight.grad, *ref_grads(x, weight, None, grad_y, "last")["weight"], what="grad_weight")
+
+
+def test_no_grad_mode_gives_a_tensor_without_history(inputs):
+    x, weight, bias = inputs(3, 5, 4, (13, 15))
+    weight.requires_grad_()
+    with torch.no_grad():
+        y = grouped_linear(x, weight, bias)
+    assert not y.requires_grad
+
+
+@pytest.mark.parametrize("layout", ["last", "conv"])
+def test_non_contiguous_input(layout, inputs, ref_grads, close):
+    g, k, o = 3, 5, 4
+    if layout == "last":
+        # Transposed, then every other row: strides (2, 26), neither contiguous nor dense.
+        base = torch.randn(g * k, 26)
+        x = base.t()[::2]
+        assert x.shape == (13, g * k)
+    else:
+        x = torch.randn(2, 13, g * k).transpose(1, 2)
+    assert not x.is_contiguous()
+    _, weight, bias = inputs(g, k, o, (1,))
+    x_copy = x.detach().clone()
+    _check_forward_backward(x, weight, bias, layout, ref_grads, close)
+    assert torch.equal(x.detach(), x_copy), "the op wrote to its input"
+
+
+def test_non_contiguous_weight(inputs, ref_grads, close):
+    x, _, bias = inputs(3, 5, 4, (13, 15))
+    weight = torch.randn(3, 5, 4).transpose(1, 2)  # (G, O, K) view with swapped strides
+    assert not weight.is_contiguous()
+    _check_forward_backward(x, weight, bias, "last", ref_grads, close)
+
+
+@pytest.mark.parametrize("layout", ["last", "conv"])
+def test_empty_batch(layout, inputs):
+    shape = (0, 15) if layout == "last" else (0, 15, 7)
+    x, weight, bias = inputs(3, 5, 4, shape)
+    for t in (x, weight, bias):
+        t.requires_grad_()
+    y = grouped_linear(x, weight, bias, layout=layout)
+    assert y.shape == ((0, 12) if layout == "last" else (0, 12, 7))
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    assert torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+def test_one_dim_input(inputs, ref_grads, close):
+    x, weight, bias = inputs(3, 5, 4, (15,))
+    _check_forward_backward(x, weight, bias, "last", ref_grads, close)
+
+
+@pytest.mark.parametrize("layout", ["last", "conv"])
+def test_broadcast_upstream_gradient(layout, inputs, ref_grads, close):
+    """y.sum().backward() hands the backward an expanded (stride 0) grad_y."""
+    x, weight, bias = inputs(3, 5, 4, (13, 15) if layout == "last" else (2, 15, 13))
+    for t in (x, weight, bias):
+        t.requires_grad_()
+    y = grouped_linear(x, weight, bias, layout=layout)
+    y.sum().backward()
+    expect = ref_grads(x, weight, bias, torch.ones_like(y), layout)
+    close(x.grad, *expect["x"], what="grad_x")
+    close(weight.grad, *expect["weight"], what="grad_weight")
+    close(bias.grad, *expect["bias"], what="grad_bias")
+
+
+def test_expanded_weight(inputs, ref_grads, close):
+    x, _, _ = inputs(3, 5, 4, (13, 15))
+    weight = torch.randn(1, 4, 5).expand(3, 4, 5)
+    _check_forward_backward(x, weight, None, "last", ref_grads, close)

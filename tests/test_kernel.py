@@ -1,0 +1,261 @@
+"""Kernel objects called directly on NaN-poisoned outputs (every element must be written),
+the row-tile tail paths, and the in-process and on-disk kernel caches."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tvmgroup import kernel as kernel_mod
+from tvmgroup.compute import OpSpec
+from tvmgroup.kernel import KERNELS, Kernel, KernelCache, build_kernel, default_choice
+from tvmgroup.lookup import kernel_for
+from tvmgroup.target import cpu_target
+
+G, K, O = 3, 5, 4
+
+
+def _kernel(op: str, layout: str, bias: bool = True) -> Kernel:
+    return kernel_for(OpSpec(op, G, K, O, layout=layout, bias=bias), cpu_target())
+
+
+def _poisoned(*shape: int) -> torch.Tensor:
+    return torch.full(shape, float("nan"))
+
+
+def _rows_shape(layout: str, rows: int, features: int) -> tuple[int, ...]:
+    """Kernel layout: (N, G, F) for "last"; (B=2, G, F, L=rows) for "conv"."""
+    return (rows, G, features) if layout == "last" else (2, G, features, rows)
+
+
+def _user(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """A kernel-layout tensor as the user's (N, G*F) or (B, G*F, L)."""
+    if layout == "last":
+        return t.reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def _expect(x, weight, bias, grad_y, layout, ref_grads):
+    return ref_grads(_user(x, layout), weight, bias, _user(grad_y, layout), layout)
+
+
+def _row_counts(kernel: Kernel, op: str, layout: str) -> list[int]:
+    t = kernel.row_tile
+    if op == "grad_weight" and layout == "last":
+        return [1, t - 1, t, t + 1, 200]
+    return [1, t - 1, t, t + 1, 2 * t + 3]
+
+
+@pytest.mark.parametrize("layout", ["last", "conv"])
+def test_cpu_kernels_have_a_row_tile_and_a_tail(layout):
+    for op in ("forward", "grad_input", "grad_weight"):
+        kernel = _kernel(op, layout)
+        assert kernel.row_tile > 1, f"{op}/{layout}: the CPU default schedule tiles rows"
+        assert kernel.tail is not None
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("layout", ["last", "conv"])
+def test_forward_kernel_writes_every_element(layout, bias, ref_grads, close):
+    kernel = _kernel("forward", layout, bias)
+    for rows in _row_counts(kernel, "forward", layout):
+        x = torch.randn(_rows_shape(layout, rows, K))
+        weight, b = torch.randn(G, O, K), torch.randn(G, O) if bias else None
+        y = _poisoned(*_rows_shape(layout, rows, O))
+        kernel(x, weight, *([b] if bias else []), y)
+        expect = _expect(x, weight, b, torch.randn_like(y), layout, ref_grads)["y"]
+        close(_user(y, layout), *expect, what=f"forward {layout} rows={rows}")
+
+
+@pytest.mark.parametrize("layout", ["last", "conv"])
+def test_grad_input_kernel_writes_every_element(layout, ref_grads, close):
+    kernel = _kernel("grad_input", layout, bias=False)
+    for rows in _row_counts(kernel, "grad_input", layout):
+        grad_y = torch.randn(_rows_shape(layout, rows, O))
+        weight = torch.randn(G, O, K)
+        x = torch.randn(_rows_shape(layout, rows, K))
+        grad_x = _poisoned(*x.shape)
+        kernel(grad_y, weight, grad_x)
+        expect = _expect(x, weight, None, grad_y, layout, ref_grads)["x"]
+        close(_user(grad_x, layout), *expect, what=f"grad_input {layout} rows={rows}")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("layout", ["last", "conv"])
+def test_grad_weight_kernel_writes_every_element(layout, bias, ref_grads, close):
+    kernel = _kernel("grad_weight", layout, bias)
+    for rows in _row_counts(kernel, "grad_weight", layout):
+        grad_y = torch.randn(_rows_shape(layout, rows, O))
+        x = torch.randn(_rows_shape(layout, rows, K))
+        weight = torch.randn(G, O, K)
+        b = torch.randn(G, O) if bias else None
+        outs = [_poisoned(G, O, K)] + ([_poisoned(G, O)] if bias else [])
+        kernel(grad_y, x, *outs)
+        expect = _expect(x, weight, b, grad_y, layout, ref_grads)
+        close(outs[0], *expect["weight"], what=f"grad_weight {layout} rows={rows}")
+        if bias:
+            close(outs[1], *expect["bias"], what=f"grad_bias {layout} rows={rows}")
+
+
+def test_kernel_for_reuses_the_compiled_kernel():
+    assert _kernel("forward", "last") is _kernel("forward", "last")
+    assert _kernel("forward", "last") is not _kernel("forward", "last", bias=False)
+
+
+def test_build_kernel_with_the_default_choice(ref_grads, close):
+    spec = OpSpec("forward", 2, 3, 5, layout="last", bias=True)
+    choice = default_choice(spec, cpu_target())
+    assert choice.origin == "default"
+    kernel = build_kernel(spec, cpu_target(), choice)
+    assert kernel.spec == spec and kernel.row_tile > 1 and kernel.tail is not None
+    rows = kernel.row_tile + 1
+    x, weight, b = torch.randn(rows, 2, 3), torch.randn(2, 5, 3), torch.randn(2, 5)
+    y = _poisoned(rows, 2, 5)
+    kernel(x, weight, b, y)
+    expect = ref_grads(x.reshape(rows, 6), weight, b, torch.randn(rows, 10), "last")["y"]
+    close(y.reshape(rows, 10), *expect, what="build_kernel forward")
+
+
+# ---------------------------------------------------------------------------------------------
+# disk cache
+
+_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    import tvmgroup.kernel as km
+    if sys.argv[1] == "load-only":
+        def refuse(*args, **kwargs):
+            raise AssertionError("compiled although a cached kernel was on disk")
+        km.build_kernel = refuse
+    from tvmgroup import grouped_linear
+    torch.manual_seed(0)
+    x, w, b = (torch.randn(*s, requires_grad=True) for s in [(45, 15), (3, 4, 5), (3, 4)])
+    y = grouped_linear(x, w, b)
+    y.backward(torch.ones_like(y))
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = (torch.einsum("ngk,gok->ngo", x64.view(45, 3, 5), w64) + b64).reshape(45, 12)
+    ref.backward(torch.ones_like(ref))
+    pairs = [(y, ref), (x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)]
+    err = max((got.double() - want).abs().max().item() for got, want in pairs)
+    print("ERR", err)
+    sys.exit(0 if err < 1e-4 else 1)
+    """
+)
+
+
+def _run_script(home, mode: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TVMGROUP_HOME=str(home), TVMGROUP_DISK_CACHE="1")
+    return subprocess.run(
+        [sys.executable, "-c", _SCRIPT, mode], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def _cached_files(home) -> dict[str, int]:
+    return {
+        str(p.relative_to(home)): p.stat().st_mtime_ns
+        for p in home.rglob("*")
+        if p.is_file() and p.suffix in (".so", ".json")
+    }
+
+
+def test_disk_cache_is_written_then_loaded_by_another_process(isolated_home):
+    first = _run_script(isolated_home, "build")
+    assert first.returncode == 0, first.stdout + first.stderr
+    files = _cached_files(isolated_home)
+    assert any(f.endswith("-main.so") for f in files), files
+    assert any(f.endswith("-tail.so") for f in files), files
+    metas = [f for f in files if f.endswith(".json")]
+    for key in ("forward-last-g3-k5-o4-float32-bias", "grad_input-last", "grad_weight-last-g3-k5-o4-float32-bias"):
+        assert any(key in f for f in metas), (key, metas)
+    for meta in metas:
+        assert json.loads((isolated_home / meta).read_text())["row_tile"] >= 1
+
+    second = _run_script(isolated_home, "load-only")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert _cached_files(isolated_home) == files, "the second process rewrote or added cached kernels"
+
+
+def test_session_home_is_private(tvmgroup_home):
+    """conftest points TVMGROUP_HOME at a temporary directory: kernels land there."""
+    from tvmgroup.paths import home, kernel_cache_dir
+
+    assert home() == tvmgroup_home and kernel_cache_dir().is_relative_to(tvmgroup_home)
+    _kernel("forward", "last")
+    assert list(tvmgroup_home.rglob("*forward-last-g3-k5-o4-float32-bias-*.json"))
+
+
+def _spec_for_cache() -> OpSpec:
+    return OpSpec("forward", 2, 3, 5, layout="last", bias=False)
+
+
+def _check_kernel(kernel: Kernel, ref_grads, close) -> None:
+    rows = 2 * kernel.row_tile + 1
+    x, weight = torch.randn(rows, 2, 3), torch.randn(2, 5, 3)
+    y = _poisoned(rows, 2, 5)
+    kernel(x, weight, y)
+    expect = ref_grads(x.reshape(rows, 6), weight, None, torch.randn(rows, 10), "last")["y"]
+    close(y.reshape(rows, 10), *expect, what="reloaded kernel")
+
+
+@pytest.mark.parametrize("corrupt", ["main.so", "tail.so", "json-garbage", "json-missing-key"])
+def test_corrupt_cached_kernel_is_rebuilt_with_a_warning(corrupt, isolated_home, caplog, ref_grads, close):
+    spec, target = _spec_for_cache(), cpu_target()
+    choice = default_choice(spec, target)
+    KernelCache().get(spec, target, choice)  # builds and saves
+    metas = list(isolated_home.rglob("*.json"))
+    assert len(metas) == 1
+    stem = str(metas[0])[: -len(".json")]
+    if corrupt.endswith(".so"):
+        os.remove(f"{stem}-{corrupt}")  # a new inode: never one this process has loaded
+        with open(f"{stem}-{corrupt}", "wb") as f:
+            f.write(b"\x7fELF this is not a shared library")
+    elif corrupt == "json-garbage":
+        metas[0].write_text("{not json")
+    else:
+        metas[0].write_text(json.dumps({"spec": spec.key}))
+
+    with caplog.at_level(logging.WARNING, logger="tvmgroup.kernel"):
+        rebuilt = KernelCache().get(spec, target, choice)
+    assert any("unusable cached kernel" in r.getMessage() for r in caplog.records), caplog.text
+    _check_kernel(rebuilt, ref_grads, close)
+
+    # The rebuild replaced the bad file: a third cache loads it without compiling.
+    caplog.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernel_mod, "build_kernel", _refuse_to_build)
+        with caplog.at_level(logging.WARNING, logger="tvmgroup.kernel"):
+            loaded = KernelCache().get(spec, target, choice)
+    assert not caplog.records, caplog.text
+    _check_kernel(loaded, ref_grads, close)
+
+
+def _refuse_to_build(*args, **kwargs):
+    raise AssertionError("compiled although a valid cached kernel was on disk")
+
+
+def test_disk_cache_can_be_disabled(isolated_home, monkeypatch):
+    monkeypatch.setenv("TVMGROUP_DISK_CACHE", "0")
+    spec, target = _spec_for_cache(), cpu_target()
+    KernelCache().get(spec, target, default_choice(spec, target))
+    assert not list(isolated_home.rglob("*.so"))
+
+
+def test_kernel_cache_clear_forgets_kernels():
+    cache = KernelCache()
+    spec, target = _spec_for_cache(), cpu_target()
+    choice = default_choice(spec, target)
+    first = cache.get(spec, target, choice)
+    assert cache.get(spec, target, choice) is first
+    cache.clear()
+    assert cache.get(spec, target, choice) is not first
+
+
+def test_global_cache_is_a_kernel_cache():
+    assert isinstance(KERNELS, KernelCache)
