@@ -20,6 +20,9 @@ UNROLL = (0, 16, 64)
 def schedule_cuda(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: Knobs, tail: bool = False) -> None:
     """Applies the template; its kernels take any row count (``tail`` changes nothing)."""
     roles = loop_roles(op, layout, bias)
+    for name in roles.packs:
+        # Read the weight in place: an unbound stage would run on the host.
+        sch.compute_inline(sch.get_sblock(name))
     for name in (roles.block, *roles.extra_blocks):
         _one_thread_per_output(sch, name, knobs)
 

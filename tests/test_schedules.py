@@ -19,8 +19,10 @@ G, K, O = 3, 5, 4
 ARCHS = ["sm_80", "sm_86", "sm_89", "sm_90"]
 
 
-def _scheduled(kind: str, op: str, layout: str, bias: bool = True, tail: bool = False) -> s_tir.Schedule:
-    sch = s_tir.Schedule(ir_module(OpSpec(op, G, K, O, layout=layout, bias=bias)))
+def _scheduled(
+    kind: str, op: str, layout: str, bias: bool = True, tail: bool = False, dtype: str = "float32"
+) -> s_tir.Schedule:
+    sch = s_tir.Schedule(ir_module(OpSpec(op, G, K, O, dtype=dtype, layout=layout, bias=bias)))
     template_for(kind)(sch, op, layout, bias, DefaultKnobs(), tail=tail)
     return sch
 
@@ -79,10 +81,29 @@ def test_cuda_module_builds_with_nvcc_for_every_arch(op, layout, monkeypatch):
         assert names and all(n.startswith("main_kernel") for n in names), names
         assert "threadIdx.x" in source
         assert re.search(rf"\b{_OUTPUT[op]}\w*\[", source), f"{op}: the kernel never writes its output"
+        host = lib.inspect_source("ll")
+        assert "weight_packed" not in host, "a stage runs on the host instead of the GPU"
         with target:
             binary = bytes(compile_cuda(source))
         assert binary[:4] == b"\x50\xed\x55\xba", f"{arch}: nvcc did not return a fatbin"
         assert len(binary) > 1000
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_half_types_build_with_nvcc_and_sum_in_float32(op, layout, dtype, monkeypatch):
+    monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")
+    compile_cuda = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
+    for arch in ("sm_80", "sm_90"):
+        target = cuda_target(arch)
+        lib = tvm.compile(_scheduled("cuda", op, layout, dtype=dtype).mod, target=target).mod
+        (cuda,) = [m for m in lib.imports if m.kind == "cuda"]
+        source = cuda.inspect_source()
+        assert re.search(r"float \w+_local\w*\[1\];", source), "the sum is not held in a float32 register"
+        assert ("half" if dtype == "float16" else "nv_bfloat16") in source
+        with target:
+            assert bytes(compile_cuda(source))[:4] == b"\x50\xed\x55\xba"
 
 
 def test_cuda_compile_mode_is_honoured(monkeypatch):
@@ -115,3 +136,42 @@ def test_cuda_forward_backward_match_float64(layout, ref_grads, close):
     close(x.grad.cpu(), *expect["x"], what="cuda grad_x")
     close(weight.grad.cpu(), *expect["weight"], what="cuda grad_weight")
     close(bias.grad.cpu(), *expect["bias"], what="cuda grad_bias")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_half_types_match_float64(layout, dtype):
+    from tvmgroup import grouped_linear
+
+    shape = (97, G * K) if layout == "last" else (2, G * K, 97)
+    x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+    weight = torch.randn(G, O, K, device="cuda", dtype=dtype, requires_grad=True)
+    bias = torch.randn(G, O, device="cuda", dtype=dtype, requires_grad=True)
+    y = grouped_linear(x, weight, bias, layout=layout)
+    assert y.dtype == dtype
+    y.backward(torch.ones_like(y))
+    xd, wd, bd = x.detach().double(), weight.detach().double(), bias.detach().double()
+    if layout == "last":
+        ref = (torch.einsum("ngk,gok->ngo", xd.view(97, G, K), wd) + bd).reshape(97, G * O)
+    else:
+        ref = (torch.einsum("bgkl,gok->bgol", xd.view(2, G, K, 97), wd) + bd[None, :, :, None]).reshape(2, G * O, 97)
+    # Inputs are exact in the half type; sums in float32, one rounding to the half type at the end.
+    eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    assert torch.allclose(y.double(), ref, rtol=2 * eps, atol=2 * eps * K)
+    assert x.grad.dtype == dtype and weight.grad.dtype == dtype and bias.grad.dtype == dtype
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_and_current_stream():
+    from tvmgroup import GroupedLinear
+
+    layer = GroupedLinear(G, K, O).cuda()
+    x = torch.randn(33, G * K, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    stream.synchronize()
+    assert y.dtype == torch.bfloat16
+    ref = layer.to(torch.float64)(x.double())
+    assert torch.allclose(y.double(), ref, rtol=2**-6, atol=2**-6 * K)
