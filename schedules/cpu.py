@@ -168,12 +168,12 @@ def _schedule_weight_grad(sch, nests: list[_Nest], layout: str, knobs: Knobs, ta
         return _conv_weight_grad_in_lanes(sch, nest, knobs)
     chunk = 1
     if layout == "last" and not tail:
-        chunk = knobs.inner_choice(sch, ROW_CHUNKS, 32)
+        chunk = knobs.inner_choice(sch, ROW_CHUNKS, 16)
     for i, nest in enumerate(nests):
         (g,) = nest.outer
         if i == 0:
             k0, k1 = _split_static(sch, nest.vec, knobs, 64, 64)
-            o_default = 4 if _extent(sch, k1) >= 64 else 8
+            o_default = 4
         else:  # the remainder of a partitioned vector loop: short, starts past 0
             k0, k1 = sch.add_unit_loop(nest.vec), nest.vec
         o0, o1 = _split_static(sch, nest.row, knobs, 8, o_default)
