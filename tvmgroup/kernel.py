@@ -89,12 +89,37 @@ class Kernel:
         if self.row_tile == 1:
             self.main(*args)
         elif self.spec.layout == "conv":
-            # The tile applies to the length L (last dim), which no view can split.
-            (self.main if args[0].shape[-1] % self.row_tile == 0 else self.tail)(*args)
+            self._call_length(*args)
         elif self.spec.op == "grad_weight":
             self._call_weight_grad(*args)
         else:
             self._call_rows(*args)
+
+    def _call_length(self, *args: torch.Tensor) -> None:
+        """conv layout: the tile applies to the length L (last dim), which no view can split.
+
+        Any other L runs on copies zero-padded to the next multiple (a copy of the row-indexed
+        tensors is cheap next to the predicated tail build, which is several times slower);
+        lengths below one tile run through the tail build.
+        """
+        length = args[0].shape[-1]
+        pad = -length % self.row_tile
+        if pad == 0:
+            self.main(*args)
+            return
+        if length < self.row_tile:
+            self.tail(*args)
+            return
+        padded = lambda t: torch.nn.functional.pad(t, (0, pad))  # noqa: E731
+        if self.spec.op == "grad_weight":
+            dy, x, *outs = args
+            self.main(padded(dy), padded(x), *outs)  # zero columns add nothing to the sums
+            return
+        *inputs, out = args
+        inputs[0] = padded(inputs[0])
+        out_padded = out.new_empty((*out.shape[:-1], length + pad))
+        self.main(*inputs, out_padded)
+        out.copy_(out_padded[..., :length])
 
     def _split(self, rows: int) -> int:
         return rows - rows % self.row_tile
