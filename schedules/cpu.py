@@ -238,7 +238,7 @@ def _schedule_column_sum(sch: s_tir.Schedule, name: str, chunk: int) -> None:
     g, o, *reduce = sch.get_loops(block)
     extent = _extent(sch, o)
     o0, o1 = sch.split(o, [None, max(d for d in (1, 2, 4, 8, 16, 32, 64) if extent % d == 0)])
-    if chunk > 1:
+    if not isinstance(chunk, int) or chunk > 1:  # a sampled chunk (tuning) is always > 1
         n0, n1 = sch.split(reduce[0], [None, chunk], disable_predication=True)
         sch.reorder(n0, g, n1, o0, o1)
         reduce = [n0, n1]

@@ -14,6 +14,8 @@ import sys
 COMMANDS = {
     "demo": "tvmgroup.commands.demo",
     "bench": "tvmgroup.commands.bench",
+    "tune": "tvmgroup.commands.tune",
+    "logs": "tvmgroup.commands.logs",
 }
 
 

@@ -1,17 +1,181 @@
-"""Which schedule serves an op: a user's tuning log, a shipped one, or the default."""
+"""Which schedule serves an op: a user's tuning log, a shipped one, or the default.
+
+Order: the user's logs (``$TVMGROUP_HOME/tuning_logs``), then the logs shipped in the
+package, then the default schedule. Within a source, a log for this exact target key comes
+first, then one for another CPU of the same family (another ``llvm-*`` key), with a one-time
+note. A log that is corrupt, foreign, does not replay, fails to compile or fails its one-time
+float64 check is skipped with a warning, and the next source serves instead. An op no log
+covers warns once per shape (:class:`UntunedShapeWarning`; ``TVMGROUP_QUIET=1`` silences it).
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import threading
+import warnings
 
 import tvm
 
 from tvmgroup.compute import OpSpec
 from tvmgroup.kernel import KERNELS, Kernel, ScheduleChoice, default_choice
+from tvmgroup.paths import shipped_logs_dir, user_logs_dir
+from tvmgroup.target import target_key
+from tvmgroup.tuning.logs import LogError, TuningLog, find_logs
+
+
+class UntunedShapeWarning(UserWarning):
+    """No tuning log covers this op and shape: the default schedule serves it."""
+
+
+class TuningLogWarning(UserWarning):
+    """A tuning log was skipped (corrupt, foreign, wrong results) or is from another CPU."""
+
+
+_lock = threading.RLock()
+_resolved: dict[tuple, ScheduleChoice] = {}
+_rejected: set[str] = set()  # log paths (or fingerprints) found unusable in this process
+_checked: set[str] = set()  # fingerprints whose kernel passed the float64 check
+_warned: set[str] = set()
+
+
+def forget() -> None:
+    """Drops what this process has resolved, e.g. after a tuning run wrote a new log."""
+    with _lock:
+        _resolved.clear()
+        _rejected.clear()
+        _checked.clear()
+
+
+def _warn_once(key: str, message: str, category: type[Warning]) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, category, stacklevel=4)
+
+
+def _target_key_json(target: tvm.target.Target) -> str:
+    return json.dumps(dict(target.export()), sort_keys=True, default=str)
+
+
+def _family(key: str) -> str:
+    return key.split("-", 1)[0]
+
+
+def _candidates(root, spec: OpSpec, key: str) -> list[TuningLog]:
+    """Template-space logs of ``spec``: this target key first, then the same CPU family."""
+    logs = [log for log in find_logs(root, spec_key=spec.key) if log.space == "template"]
+    exact = [log for log in logs if log.target_key == key]
+    family = [log for log in logs if log.target_key != key and _family(key) == "llvm" and _family(log.target_key) == "llvm"]
+    order = lambda log: (-log.trials, -log.rows)  # noqa: E731  most trials, then the largest N
+    return sorted(exact, key=order) + sorted(family, key=order)
+
+
+def tune_command(spec: OpSpec, target: tvm.target.Target) -> str:
+    """The ``tvmgroup tune`` command that would tune ``spec`` for ``target``."""
+    tgt = "llvm" if target.kind.name == "llvm" else f"cuda:{target.attrs.get('arch', '')}"
+    words = [
+        "tvmgroup tune", f"--ops {spec.op}", f"--groups {spec.groups}", f"--in-features {spec.in_features}",
+        f"--out-features {spec.out_features}", f"--dtype {spec.dtype}", f"--layout {spec.layout}",
+    ]
+    if not spec.bias:
+        words.append("--no-bias")
+    words.append(f"--target {tgt}")
+    return " ".join(words)
+
+
+def _resolve(spec: OpSpec, target: tvm.target.Target) -> ScheduleChoice:
+    from tvmgroup.tuning.replay import choice_from_log
+
+    key = target_key(target)
+    for origin, root in (("user", user_logs_dir()), ("shipped", shipped_logs_dir())):
+        for log in _candidates(root, spec, key):
+            if str(log.path) in _rejected:
+                continue
+            try:
+                choice = choice_from_log(spec, target, log, origin)
+            except LogError as err:
+                _rejected.add(str(log.path))
+                _warn_once(f"bad:{log.path}", f"tvmgroup: skipping tuning log: {err}", TuningLogWarning)
+                continue
+            if choice.fingerprint in _rejected:
+                continue
+            if log.target_key != key:
+                _warn_once(
+                    f"family:{spec.key}:{key}",
+                    f"tvmgroup: {spec.key} uses a log tuned on another CPU ({log.target_key}, this is {key}); "
+                    f"tuning for this CPU would do better: {tune_command(spec, target)}",
+                    TuningLogWarning,
+                )
+            return choice
+    if os.environ.get("TVMGROUP_QUIET", "") not in ("", "0"):
+        _warned.add(f"untuned:{spec.key}:{key}")
+    _warn_once(
+        f"untuned:{spec.key}:{key}",
+        f"tvmgroup: no tuning log for {spec.key} on {key}; using the default schedule. "
+        f"Tune it with: {tune_command(spec, target)}",
+        UntunedShapeWarning,
+    )
+    return default_choice(spec, target)
 
 
 def resolve(spec: OpSpec, target: tvm.target.Target) -> ScheduleChoice:
     """The schedule for ``spec`` on ``target``, in order: user logs, shipped logs, default."""
-    return default_choice(spec, target)
+    cache_key = (spec, _target_key_json(target))
+    with _lock:
+        choice = _resolved.get(cache_key)
+        if choice is None:
+            choice = _resolve(spec, target)
+            _resolved[cache_key] = choice
+        return choice
 
 
 def kernel_for(spec: OpSpec, target: tvm.target.Target) -> Kernel:
-    return KERNELS.get(spec, target, resolve(spec, target))
+    """The compiled kernel for ``spec``; a tuned one is checked against float64 on first use."""
+    from tvmgroup.tuning.replay import check_kernel
+
+    while True:
+        choice = resolve(spec, target)
+        if choice.origin == "default" or choice.fingerprint in _checked:
+            return KERNELS.get(spec, target, choice)
+        try:
+            kernel = KERNELS.get(spec, target, choice)
+            check_kernel(kernel)
+        except Exception as err:  # a schedule that fails to build or to compute: never fatal
+            with _lock:
+                _rejected.add(choice.fingerprint)
+                _rejected.add(str(choice.log))
+                _resolved.pop((spec, _target_key_json(target)), None)
+            _warn_once(f"bad:{choice.log}", f"tvmgroup: skipping tuning log: {err}", TuningLogWarning)
+            continue
+        with _lock:
+            _checked.add(choice.fingerprint)
+        return kernel
+
+
+def schedule_info(
+    op: str,
+    groups: int,
+    in_features: int,
+    out_features: int,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    layout: str = "last",
+    bias: bool = True,
+) -> dict:
+    """Which schedule would serve this op: ``origin``, ``log``, ``tuned_rows``, ``target_key``."""
+    from tvmgroup.target import target_for_device
+
+    spec = OpSpec(op, groups, in_features, out_features, dtype, layout, bias)
+    target = target_for_device(device)
+    choice = resolve(spec, target)
+    return {
+        "origin": choice.origin,
+        "log": choice.log,
+        "tuned_rows": choice.tuned_rows,
+        "target_key": target_key(target),
+        "fingerprint": choice.fingerprint,
+        "spec": spec.key,
+        "note": choice.note,
+    }

@@ -1,0 +1,206 @@
+"""Run-time lookup of tuning logs: order, replay at any N, the float64 check, and fallbacks.
+
+Logs here are made by hand (sampled template traces, made-up latencies), so no test
+measures anything; ``test_tuning_run.py`` does a real tuning run.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+import tvmgroup
+from tvmgroup import lookup
+from tvmgroup.compute import OPS, OpSpec
+from tvmgroup.lookup import TuningLogWarning, UntunedShapeWarning
+from tvmgroup.paths import user_logs_dir
+from tvmgroup.target import cpu_target, target_key
+from tvmgroup.tuning import replay
+from tvmgroup.tuning.logs import META, RECORDS, LogError, find_logs
+
+from tuning_helpers import fake_log, forward_error
+
+SPEC = OpSpec("forward", 2, 8, 8)
+
+
+@pytest.fixture(autouse=True)
+def fresh(tmp_path, monkeypatch):
+    """Each test: an empty TVMGROUP_HOME, nothing resolved, no warning given yet."""
+    monkeypatch.setenv("TVMGROUP_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TVMGROUP_QUIET", raising=False)
+    lookup.forget()
+    lookup._warned.clear()
+    yield
+    lookup.forget()
+
+
+def info(spec: OpSpec = SPEC) -> dict:
+    return tvmgroup.schedule_info(spec.op, spec.groups, spec.in_features, spec.out_features,
+                                  dtype=spec.dtype, layout=spec.layout, bias=spec.bias)
+
+
+def test_untuned_warns_once_with_the_command():
+    with pytest.warns(UntunedShapeWarning, match="tvmgroup tune --ops forward --groups 2 --in-features 8"):
+        assert info()["origin"] == "default"
+    lookup.forget()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert info()["origin"] == "default"  # a second time: no warning
+
+
+def test_quiet_env_silences(monkeypatch):
+    monkeypatch.setenv("TVMGROUP_QUIET", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert info()["origin"] == "default"
+
+
+def test_user_log_serves_every_n():
+    path = fake_log(user_logs_dir(), SPEC, cpu_target())
+    got = info()
+    assert got["origin"] == "user" and got["log"] == str(path) and got["tuned_rows"] == 256
+    assert got["target_key"] == target_key(cpu_target())
+    for n in (1, 7, 1000):
+        assert forward_error(n) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_replays_and_passes_the_check(op, layout):
+    spec = OpSpec(op, 2, 8, 24, layout=layout)
+    fake_log(user_logs_dir(), spec, cpu_target(), seeds=(5,))
+    kernel = lookup.kernel_for(spec, cpu_target())
+    assert kernel.choice.origin == "user"
+    replay.check_kernel(kernel, seed=3)
+
+
+def test_shipped_log_after_user(monkeypatch, tmp_path):
+    shipped = tmp_path / "shipped"
+    monkeypatch.setattr(lookup, "shipped_logs_dir", lambda: shipped)
+    fake_log(shipped, SPEC, cpu_target())
+    assert info()["origin"] == "shipped"
+    lookup.forget()
+    fake_log(user_logs_dir(), SPEC, cpu_target())
+    assert info()["origin"] == "user"
+
+
+def test_other_cpu_of_the_family_is_used_with_a_note():
+    fake_log(user_logs_dir(), SPEC, cpu_target(), key="llvm-someothercpu")
+    with pytest.warns(TuningLogWarning, match="another CPU"):
+        assert info()["origin"] == "user"
+    assert forward_error(9) < 1e-5
+
+
+def test_cuda_log_is_not_used_for_the_cpu():
+    fake_log(user_logs_dir(), SPEC, cpu_target(), key="cuda-sm_90")
+    with pytest.warns(UntunedShapeWarning):
+        assert info()["origin"] == "default"
+
+
+def _expect_fallback(match: str) -> None:
+    with pytest.warns(TuningLogWarning, match=match):
+        assert info()["origin"] == "default"
+    for n in (1, 7, 300):
+        assert forward_error(n) < 1e-5
+
+
+def test_corrupt_records_fall_back():
+    path = fake_log(user_logs_dir(), SPEC, cpu_target())
+    (path / RECORDS).write_text("[0, [[[[\"GetSBlock\", garbage\n")
+    _expect_fallback("no successfully measured record")
+
+
+def test_garbage_trace_falls_back():
+    path = fake_log(user_logs_dir(), SPEC, cpu_target())
+    lines = (path / RECORDS).read_text().splitlines()
+    index, record = json.loads(lines[0])
+    record[0] = [[["NoSuchInstruction", [], [], []]], []]
+    (path / RECORDS).write_text(json.dumps([index, record]) + "\n")
+    _expect_fallback("cannot parse|does not replay")
+
+
+def test_truncated_last_line_is_skipped():
+    path = fake_log(user_logs_dir(), SPEC, cpu_target())
+    text = (path / RECORDS).read_text()
+    (path / RECORDS).write_text(text[: len(text) - 40])  # a torn last record
+    assert info()["origin"] == "user"
+    assert forward_error(7) < 1e-5
+
+
+def test_empty_log_falls_back():
+    path = fake_log(user_logs_dir(), SPEC, cpu_target())
+    (path / RECORDS).write_text("")
+    _expect_fallback("no successfully measured record")
+
+
+def test_other_tvm_version_falls_back():
+    path = fake_log(user_logs_dir(), SPEC, cpu_target())
+    meta = json.loads((path / META).read_text())
+    meta["tvm_version"] = "0.1.0"
+    (path / META).write_text(json.dumps(meta))
+    _expect_fallback("made with TVM '0.1.0'")
+
+
+def test_wrong_workload_falls_back():
+    other = OpSpec("forward", 2, 8, 16)
+    src = fake_log(user_logs_dir(), other, cpu_target())
+    dst = user_logs_dir() / target_key(cpu_target()) / SPEC.key / "n256"
+    dst.parent.mkdir(parents=True)
+    src.rename(dst)
+    meta = json.loads((dst / META).read_text())
+    meta["spec_key"] = SPEC.key
+    (dst / META).write_text(json.dumps(meta))
+    _expect_fallback("workload is not")
+
+
+def test_missing_meta_falls_back():
+    path = fake_log(user_logs_dir(), SPEC, cpu_target())
+    (path / META).unlink()
+    _expect_fallback("missing or unreadable")
+
+
+def test_failing_check_falls_back(monkeypatch):
+    fake_log(user_logs_dir(), SPEC, cpu_target())
+
+    def wrong(kernel, seed=0):
+        raise LogError("wrong results (simulated)")
+
+    monkeypatch.setattr(replay, "check_kernel", wrong)
+    with pytest.warns(TuningLogWarning, match="simulated"):
+        kernel = lookup.kernel_for(SPEC, cpu_target())
+    assert kernel.choice.origin == "default"
+    assert forward_error(5) < 1e-5
+
+
+def test_check_catches_a_wrong_kernel():
+    fake_log(user_logs_dir(), SPEC, cpu_target())
+    kernel = lookup.kernel_for(SPEC, cpu_target())
+
+    class Broken:
+        spec, row_tile, choice = kernel.spec, kernel.row_tile, kernel.choice
+
+        def __call__(self, *args):
+            kernel(*args)
+            args[-1][0, 0, 0] += 1.0
+
+    with pytest.raises(LogError, match="wrong results"):
+        replay.check_kernel(Broken())
+
+
+def test_fingerprint_follows_the_log_content():
+    path = fake_log(user_logs_dir(), SPEC, cpu_target(), seeds=(1, 2))
+    first = info()["fingerprint"]
+    lines = (path / RECORDS).read_text().splitlines()
+    (path / RECORDS).write_text(lines[1] + "\n")  # now the other trace is the best
+    lookup.forget()
+    second = info()["fingerprint"]
+    assert first.startswith("tuned-") and second.startswith("tuned-") and first != second
+
+
+def test_find_logs_layout():
+    path = fake_log(user_logs_dir(), SPEC, cpu_target())
+    (log,) = find_logs(user_logs_dir())
+    assert log.path == path and log.rows == 256 and log.space == "template" and log.trials == 3
+    assert path.relative_to(user_logs_dir()).parts == (target_key(cpu_target()), SPEC.key, "n256")

@@ -1,0 +1,172 @@
+"""A real (tiny) tuning run through the CLI, used by a new process; resume; kill; ``logs``.
+
+Tuning measures on the machine's cores, so the runs here are a few trials of G=2, K=O=8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tvmgroup import cli
+from tvmgroup.compute import OpSpec
+from tvmgroup.target import cpu_target, target_key
+from tvmgroup.tuning.logs import RECORDS, count_records, find_logs, prune
+from tvmgroup.tuning import tune as tune_mod
+from tvmgroup.tuning.tune import TuneRequest, tune_op
+
+from tuning_helpers import fake_log
+
+pytestmark = pytest.mark.slow
+
+SHAPE = ["--groups", "2", "--in-features", "8", "--out-features", "8"]
+SPEC = OpSpec("forward", 2, 8, 8)
+
+
+def tvmgroup_cli(home: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TVMGROUP_HOME=str(home))
+    return subprocess.run([sys.executable, "-m", "tvmgroup.cli", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tuned_home(tmp_path_factory) -> Path:
+    """A TVMGROUP_HOME holding a real 4-trial forward log (tuned at --rows 200 -> 256)."""
+    home = tmp_path_factory.mktemp("tuned_home")
+    done = tvmgroup_cli(home, "tune", *SHAPE, "--rows", "200", "--ops", "forward", "--trials", "4", "--seed", "0", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "rounded up to 256" in done.stderr
+    assert "forward-last-g2-k8-o8-float32-bias: 4 trials (4 new)" in done.stdout
+    return home
+
+
+CHECK = r"""
+import json, sys, torch, tvmgroup
+from tvmgroup.lookup import kernel_for
+from tvmgroup.compute import OpSpec
+from tvmgroup.target import cpu_target
+info = tvmgroup.schedule_info("forward", 2, 8, 8)
+errors = {}
+for n in (1, 7, 1000):
+    x, w, b = torch.randn(n, 16), torch.randn(2, 8, 8), torch.randn(2, 8)
+    y = tvmgroup.grouped_linear(x, w, b).double().view(n, 2, 8)
+    xs = x.double().view(n, 2, 8)
+    ref = torch.einsum("ngk,gok->ngo", xs, w.double()) + b.double()
+    mag = torch.einsum("ngk,gok->ngo", xs.abs(), w.double().abs()) + b.double().abs()
+    errors[n] = ((y - ref).abs() / mag).max().item()
+kernel = kernel_for(OpSpec("forward", 2, 8, 8), cpu_target())
+print(json.dumps({"info": info, "errors": errors, "kernel_origin": kernel.choice.origin, "row_tile": kernel.row_tile}))
+"""
+
+
+def test_new_process_uses_the_log_at_any_n(tuned_home):
+    env = dict(os.environ, TVMGROUP_HOME=str(tuned_home))
+    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    info = out["info"]
+    assert info["origin"] == "user" and info["tuned_rows"] == 256
+    assert info["target_key"] == target_key(cpu_target())
+    assert Path(info["log"]) == tuned_home / "tuning_logs" / info["target_key"] / SPEC.key / "n256"
+    assert out["kernel_origin"] == "user"
+    assert all(err < 1e-5 for err in out["errors"].values()), out["errors"]
+    assert "UntunedShapeWarning" not in done.stderr and "skipping" not in done.stderr
+
+
+def test_same_command_again_runs_nothing(tuned_home):
+    path = tuned_home / "tuning_logs" / target_key(cpu_target()) / SPEC.key / "n256"
+    before = (path / RECORDS).read_text()
+    start = time.perf_counter()
+    done = tvmgroup_cli(tuned_home, "tune", *SHAPE, "--rows", "256", "--ops", "forward", "--trials", "4", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "4 trials (already done)" in done.stdout
+    assert (path / RECORDS).read_text() == before
+    assert time.perf_counter() - start < 60
+
+
+def test_resume_runs_only_the_missing_trials(tuned_home, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_tune_tir(mod, target, work_dir, max_trials_global, **kwargs):
+        seen["trials"] = max_trials_global
+
+    monkeypatch.setattr(tune_mod.ms, "tune_tir", fake_tune_tir)
+    req = TuneRequest(SPEC, cpu_target(), 256, 10, tuned_home / "tuning_logs", seed=0)
+    result = tune_op(req, progress=False)
+    assert seen["trials"] == 6 and result.trials_before == 4
+
+
+def test_logs_command_lists_the_log(tuned_home, monkeypatch, capsys):
+    monkeypatch.setenv("TVMGROUP_HOME", str(tuned_home))
+    assert cli.main(["logs"]) == 0
+    out = capsys.readouterr().out
+    assert SPEC.key in out and "user" in out and "n256" in out and target_key(cpu_target()) in out
+    assert cli.main(["logs", "--all"]) == 0
+    assert SPEC.key in capsys.readouterr().out
+
+
+def test_logs_command_when_empty(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TVMGROUP_HOME", str(tmp_path))
+    assert cli.main(["logs"]) == 0
+    assert "no tuning logs" in capsys.readouterr().out
+
+
+def test_interrupted_run_leaves_a_loadable_log_and_resumes(tmp_path):
+    """Ctrl-C (SIGINT to the group) once the first batch is recorded: the run exits at once,
+    the log serves, and the same command completes it."""
+    home = tmp_path / "home"
+    env = dict(os.environ, TVMGROUP_HOME=str(home))
+    args = ["tune", *SHAPE, "--ops", "grad_input", "--rows", "256", "--trials", "4", "--batch", "2", "--seed", "1", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "tvmgroup.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    spec = OpSpec("grad_input", 2, 8, 8)
+    path = home / "tuning_logs" / target_key(cpu_target()) / spec.key / "n256"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and count_records(path) == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    recorded = count_records(path)
+    if proc.returncode != 0:  # interrupted, not finished before the signal
+        assert proc.returncode == 130 and "interrupted" in err and "Run the same command again" in err, err
+    assert recorded >= 1
+    env_check = dict(env, PYTHONWARNINGS="error::UserWarning")  # a skipped log would warn
+    check = subprocess.run([sys.executable, "-c", "import tvmgroup; print(tvmgroup.schedule_info('grad_input', 2, 8, 8)['origin'])"],
+                           env=env_check, capture_output=True, text=True, timeout=120)
+    assert check.stdout.strip() == "user", check.stderr
+    again = tvmgroup_cli(home, *args)
+    assert again.returncode == 0, again.stderr
+    status = "already done" if recorded >= 4 else f"{4 - recorded} new"
+    assert f"4 trials ({status})" in again.stdout
+    (log,) = find_logs(home / "tuning_logs")
+    assert log.trials == 4 == count_records(path)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert cli.main(["tune", *SHAPE, "--target", "cuda:sm_90", "--trials", "4"]) == 2
+    assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_bad_arguments_name_what_was_expected(capsys):
+    assert cli.main(["tune", *SHAPE, "--ops", "forward,backward"]) == 2
+    assert "--ops must be a comma-separated subset of forward,grad_input,grad_weight" in capsys.readouterr().err
+    assert cli.main(["tune", *SHAPE, "--trials", "0"]) == 2
+    assert "trials must be >= 1" in capsys.readouterr().err
+
+
+def test_prune_keeps_the_best_records(tmp_path):
+    path = fake_log(tmp_path, SPEC, cpu_target(), seeds=(1, 2, 3, 4))
+    assert prune(path, 2) == 2
+    secs = [json.loads(line)[1][1] for line in (path / RECORDS).read_text().splitlines()]
+    assert sorted(s[0] for s in secs) == pytest.approx([1e-5, 2e-5])
+    (log,) = find_logs(tmp_path)
+    assert log.trials == 4  # the trial count survives pruning, so a rerun does not redo them

@@ -1,0 +1,43 @@
+"""The search spaces a tuning run can explore.
+
+``template``: the tvmgroup template with :class:`~tvmgroup.schedules.SampledKnobs`, so every
+tile choice is a MetaSchedule sampling instruction and the template itself is the design
+space; its best trace replays onto the symbolic-row compute. ``generic``: MetaSchedule's
+own default space for the target, for comparison (its traces are tied to the tuned row
+count, so run-time lookup does not use them).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.s_tir import meta_schedule as ms
+
+from tvmgroup.compute import OpSpec
+from tvmgroup.schedules import SampledKnobs, template_for
+
+SPACES: tuple[str, ...] = ("template", "generic")
+
+
+def _postprocs(target: tvm.target.Target) -> list:
+    """The template emits final schedules; only GPU code needs a resource check."""
+    if target.kind.name == "cuda":
+        return [ms.postproc.VerifyGPUCode()]
+    return []
+
+
+def template_space(spec: OpSpec, target: tvm.target.Target) -> ms.space_generator.ScheduleFn:
+    template = template_for(target.kind.name)
+
+    def apply(sch: tvm.s_tir.Schedule) -> None:
+        template(sch, spec.op, spec.layout, spec.bias, SampledKnobs())
+
+    return ms.space_generator.ScheduleFn(apply, sch_rules=[], postprocs=_postprocs(target), mutator_probs="from-target")
+
+
+def make_space(name: str, spec: OpSpec, target: tvm.target.Target):
+    """The MetaSchedule space generator called ``name`` (one of :data:`SPACES`)."""
+    if name == "template":
+        return template_space(spec, target)
+    if name == "generic":
+        return "post-order-apply"
+    raise ValueError(f"space must be one of {SPACES}, got {name!r}")

@@ -1,0 +1,214 @@
+"""One tuning run: MetaSchedule's evolutionary search and XGBoost cost model on one op.
+
+Records go straight into the log's database files, one line per measurement, so an
+interrupted run leaves a usable log; running the same request again measures only the
+trials still missing from it (the search starts from the best records already there).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import tvm
+from tqdm import tqdm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from tvmgroup.compute import OpSpec, ir_module
+from tvmgroup.schedules.cpu import ROW_MULTIPLE
+from tvmgroup.target import is_cuda, target_key
+from tvmgroup.tuning.logs import (
+    FORMAT, RECORDS, WORKLOADS, count_records, log_dir, mean_secs, prune, read_meta, read_records, write_meta,
+)
+from tvmgroup.tuning.space import make_space
+
+BUILD_TIMEOUT_S = 120.0  # generous: compile jobs share the cores with the measurements
+RUN_TIMEOUT_S = 30.0
+
+
+def tuning_rows(rows: int) -> int:
+    """``rows`` rounded up to a multiple of ``ROW_MULTIPLE`` (the template needs exact tiles)."""
+    if rows < 1:
+        raise ValueError(f"rows must be a positive int, got {rows!r}")
+    return -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    spec: OpSpec
+    target: tvm.target.Target
+    rows: int  # already a multiple of ROW_MULTIPLE
+    trials: int
+    root: Path
+    space: str = "template"
+    keep: int | None = None  # prune the log to this many best records at the end
+    seed: int | None = None
+    trials_per_iter: int = 16
+
+    @property
+    def path(self) -> Path:
+        return log_dir(self.root, target_key(self.target), self.spec, self.rows, self.space)
+
+
+@dataclass
+class TuneResult:
+    path: Path
+    trials_before: int
+    trials_after: int
+    best_seconds: float
+    exhausted: bool = False  # the search space holds fewer distinct schedules than asked for
+
+
+def _best_seconds(path: Path) -> float:
+    if not (path / RECORDS).exists():
+        return math.inf
+    return min((mean_secs(r[1]) for _, r in read_records(path)), default=math.inf)
+
+
+@derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """Feeds a tqdm bar (trials, best latency) and keeps the log's trial count current."""
+
+    def __init__(self, bar: tqdm, path: Path, meta: dict, best: float) -> None:
+        self.bar, self.path, self.meta, self.best = bar, path, meta, best
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        for result in runner_results:
+            secs = mean_secs(result.run_secs) if result.run_secs is not None else math.inf
+            self.best = min(self.best, secs)
+        self.meta["trials"] = int(self.meta.get("trials", 0)) + len(runner_results)
+        write_meta(self.path, self.meta)
+        self.bar.update(len(runner_results))
+        if math.isfinite(self.best):
+            self.bar.set_postfix_str(f"best {self.best * 1e6:.1f} us")
+
+
+def _check_device(target: tvm.target.Target) -> None:
+    if is_cuda(target) and not torch.cuda.is_available():
+        raise RuntimeError(
+            "tuning for CUDA measures every candidate on a GPU, and no CUDA device is visible "
+            "(torch.cuda.is_available() is False); run `tvmgroup tune --target cuda` on a machine with one"
+        )
+
+
+def _plain(value):
+    """A target's exported attributes as plain JSON values."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or hasattr(value, "__iter__"):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def log_meta(req: TuneRequest, trials: int) -> dict:
+    """The ``tvmgroup.json`` of a log: what lookup checks before trusting its records."""
+    return {
+        "format": FORMAT,
+        "tvm_version": tvm.__version__,
+        "target": _plain(dict(req.target.export())),
+        "target_key": target_key(req.target),
+        "spec_key": req.spec.key,
+        "rows": req.rows,
+        "space": req.space,
+        "trials": trials,
+    }
+
+
+def _exit_on_interrupt(req: TuneRequest, path: Path, bar: tqdm) -> Callable[[], None]:
+    """Makes Ctrl-C end the process at once; returns a function restoring the old handler.
+
+    MetaSchedule's search loop runs in C++ and never lets a KeyboardInterrupt through, so
+    Ctrl-C would otherwise be ignored until the run ends. Every measured record is already
+    on disk, so exiting leaves the same loadable log a kill does.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame) -> None:
+        bar.close()
+        if req.keep is not None:
+            prune(path, req.keep)
+        done = max(int(read_meta(path).get("trials", 0) or 0), count_records(path))
+        sys.stderr.write(
+            f"\ntvmgroup tune: interrupted; {path} keeps {done} trials. Run the same command again to resume.\n"
+        )
+        sys.stderr.flush()
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
+def tune_op(req: TuneRequest, *, progress: bool = True) -> TuneResult:
+    """Tunes ``req.spec`` until its log holds ``req.trials`` trials (resuming one if present)."""
+    if req.rows % ROW_MULTIPLE:
+        raise ValueError(f"tuning rows must be a multiple of {ROW_MULTIPLE}, got {req.rows}")
+    if req.trials < 1:
+        raise ValueError(f"trials must be >= 1, got {req.trials}")
+    if req.trials_per_iter < 1:
+        raise ValueError(f"trials per iteration (--batch) must be >= 1, got {req.trials_per_iter}")
+    _check_device(req.target)
+    path = req.path
+    path.mkdir(parents=True, exist_ok=True)
+    old = read_meta(path)
+    if old and old.get("tvm_version") != tvm.__version__:
+        raise RuntimeError(
+            f"{path} was tuned with TVM {old.get('tvm_version')!r}, this is TVM {tvm.__version__}; "
+            "delete it or pass another --output to start afresh"
+        )
+    done = max(int(old.get("trials", 0) or 0), count_records(path))
+    remaining = req.trials - done
+    best = _best_seconds(path)
+    if remaining <= 0 or (old.get("exhausted") and old.get("space") == req.space):
+        return TuneResult(path, done, done, best, exhausted=bool(old.get("exhausted")))
+    meta = log_meta(req, done)
+    write_meta(path, meta)
+    database = ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS), allow_missing=True)
+    cores = int(req.target.attrs.get("num-cores", 1) or 1) if not is_cuda(req.target) else 1
+    bar = tqdm(total=req.trials, initial=done, desc=req.spec.key, unit="trial", disable=not progress, dynamic_ncols=True)
+    callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_Progress(bar, path, meta, best)]
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    restore = _exit_on_interrupt(req, path, bar)
+    try:
+        with tempfile.TemporaryDirectory(prefix="tvmgroup-tune-") as work:
+            ms.tune_tir(
+                ir_module(req.spec, req.rows),
+                req.target,
+                work,
+                max_trials_global=remaining,
+                num_trials_per_iter=min(req.trials_per_iter, remaining),
+                space=make_space(req.space, req.spec, req.target),
+                strategy=ms.search_strategy.EvolutionarySearch(),
+                cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
+                database=database,
+                builder=ms.builder.LocalBuilder(max_workers=cores, timeout_sec=BUILD_TIMEOUT_S),
+                runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S),
+                measure_callbacks=callbacks,
+                num_tuning_cores=cores,
+                seed=req.seed,
+            )
+    finally:
+        restore()
+        bar.close()
+        if req.keep is not None:
+            prune(path, req.keep)
+    meta = read_meta(path)
+    after = int(meta.get("trials", done))
+    if after < req.trials:
+        # The search returned early: it found no candidate it had not measured already.
+        meta["exhausted"] = True
+        write_meta(path, meta)
+    return TuneResult(path, done, after, _best_seconds(path), exhausted=after < req.trials)
+
