@@ -30,7 +30,7 @@ from tvm import s_tir
 from tvmgroup.schedules import DefaultKnobs, row_tile_of, template_for
 from tvmgroup.compute import OpSpec, ir_module
 from tvmgroup.paths import kernel_cache_dir
-from tvmgroup.target import target_key
+from tvmgroup.target import target_json, target_key
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class KernelCache:
             self._kernels.clear()
 
     def get(self, spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice) -> Kernel:
-        key = (spec, json.dumps(dict(target.export()), sort_keys=True, default=str), choice.fingerprint)
+        key = (spec, target_json(target), choice.fingerprint)
         with self._lock:
             kernel = self._kernels.get(key)
             if kernel is None:
@@ -191,15 +191,15 @@ class KernelCache:
                 self._kernels[key] = kernel
             return kernel
 
-    def _paths(self, spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, target_json: str) -> Path:
-        key = f"{target_json}|{choice.fingerprint}|{code_fingerprint()}"
+    def _paths(self, spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, target_text: str) -> Path:
+        key = f"{target_text}|{choice.fingerprint}|{code_fingerprint()}"
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return kernel_cache_dir() / tvm.__version__ / target_key(target) / f"{spec.key}-{digest}"
 
-    def _load_or_build(self, spec, target, choice, target_json) -> Kernel:
+    def _load_or_build(self, spec, target, choice, target_text) -> Kernel:
         if os.environ.get("TVMGROUP_DISK_CACHE", "1") == "0":
             return build_kernel(spec, target, choice)
-        stem = self._paths(spec, target, choice, target_json)
+        stem = self._paths(spec, target, choice, target_text)
         stem.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(stem) + ".lock"):
             kernel = self._load(spec, choice, stem)

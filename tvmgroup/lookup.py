@@ -10,7 +10,6 @@ covers warns once per shape (:class:`UntunedShapeWarning`; ``TVMGROUP_QUIET=1`` 
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import warnings
@@ -20,7 +19,7 @@ import tvm
 from tvmgroup.compute import OpSpec
 from tvmgroup.kernel import KERNELS, Kernel, ScheduleChoice, default_choice
 from tvmgroup.paths import shipped_logs_dir, user_logs_dir
-from tvmgroup.target import target_key
+from tvmgroup.target import target_json, target_key
 from tvmgroup.tuning.logs import LogError, TuningLog, find_logs
 
 
@@ -52,10 +51,6 @@ def _warn_once(key: str, message: str, category: type[Warning]) -> None:
         return
     _warned.add(key)
     warnings.warn(message, category, stacklevel=4)
-
-
-def _target_key_json(target: tvm.target.Target) -> str:
-    return json.dumps(dict(target.export()), sort_keys=True, default=str)
 
 
 def _family(key: str) -> str:
@@ -121,7 +116,7 @@ def _resolve(spec: OpSpec, target: tvm.target.Target) -> ScheduleChoice:
 
 def resolve(spec: OpSpec, target: tvm.target.Target) -> ScheduleChoice:
     """The schedule for ``spec`` on ``target``, in order: user logs, shipped logs, default."""
-    cache_key = (spec, _target_key_json(target))
+    cache_key = (spec, target_json(target))
     with _lock:
         choice = _resolved.get(cache_key)
         if choice is None:
@@ -145,7 +140,7 @@ def kernel_for(spec: OpSpec, target: tvm.target.Target) -> Kernel:
             with _lock:
                 _rejected.add(choice.fingerprint)
                 _rejected.add(str(choice.log))
-                _resolved.pop((spec, _target_key_json(target)), None)
+                _resolved.pop((spec, target_json(target)), None)
             _warn_once(f"bad:{choice.log}", f"tvmgroup: skipping tuning log: {err}", TuningLogWarning)
             continue
         with _lock:

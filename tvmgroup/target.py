@@ -7,6 +7,7 @@ made for; it is part of every cache and log path.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 
@@ -59,6 +60,12 @@ def parse_target(spec: str | dict | tvm.target.Target) -> tvm.target.Target:
     if word.startswith("cuda:"):
         return cuda_target(word.split(":", 1)[1])
     raise ValueError(f"target must be 'llvm', 'cuda' or 'cuda:sm_XX', got {spec!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def target_json(target: tvm.target.Target) -> str:
+    """The full target as canonical JSON: a cache key that tells any two targets apart."""
+    return json.dumps(dict(target.export()), sort_keys=True, default=str)
 
 
 def target_key(target: tvm.target.Target) -> str:
