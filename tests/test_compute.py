@@ -16,7 +16,13 @@ def test_opspec_key_names_everything():
     spec = OpSpec("grad_weight", 3, 5, 4, layout="conv", bias=False)
     assert spec.key == "grad_weight-conv-g3-k5-o4-float32-nobias"
     keys = {OpSpec(op, 3, 5, 4, layout=lay, bias=b).key for op in OPS for lay in LAYOUTS for b in (True, False)}
-    assert len(keys) == len(OPS) * len(LAYOUTS) * 2
+    # grad_input does not depend on the bias: one spec (and one kernel) for both.
+    assert len(keys) == (len(OPS) - 1) * len(LAYOUTS) * 2 + len(LAYOUTS)
+
+
+def test_grad_input_spec_ignores_bias():
+    assert OpSpec("grad_input", 3, 5, 4, bias=True) == OpSpec("grad_input", 3, 5, 4, bias=False)
+    assert OpSpec("grad_input", 3, 5, 4, bias=True).key.endswith("-nobias")
 
 
 @pytest.mark.parametrize(

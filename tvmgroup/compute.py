@@ -47,6 +47,9 @@ class OpSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.op == "grad_input" and self.bias:
+            # grad_input never sees the bias: one kernel (and one tuning log) serves both.
+            object.__setattr__(self, "bias", False)
 
     @property
     def key(self) -> str:
