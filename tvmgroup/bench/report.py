@@ -50,7 +50,7 @@ def format_shape(shape_result: ShapeResult, ceilings: Ceilings) -> str:
     header = ["formulation", "fwd ms", "GFLOP/s", "% floor", "fwd+bwd ms", "GFLOP/s", "% floor", "note"]
     rows = []
     for r in shape_result.results:
-        note = r.message if r.status != "ok" else ""
+        note = r.message if r.status != "ok" or r.is_tvmgroup else ""
         if r.status != "ok":
             note = f"{r.status.upper()}: {note}"
         rows.append([r.name, *_cell(r, False, shape, fwd["floor_ms"]), *_cell(r, True, shape, bwd["floor_ms"]), note])
@@ -97,7 +97,7 @@ def format_markdown(shape_results: list[ShapeResult], ceilings: Ceilings, info: 
         ]
         for r in s.results:
             name = f"**{r.name}**" if r.is_tvmgroup else r.name
-            note = "" if r.status == "ok" else f"{r.status.upper()}: {r.message}".replace("|", "/")
+            note = r.message if r.status == "ok" else f"{r.status.upper()}: {r.message}".replace("|", "/")
             cells = [*_cell(r, False, shape, fwd["floor_ms"]), *_cell(r, True, shape, bwd["floor_ms"])]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {note} |")
         lines += ["", f"tvmgroup speedup over the best PyTorch formulation: fwd {_speedup_text(s, False)}, "

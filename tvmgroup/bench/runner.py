@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +26,7 @@ from tvmgroup.bench.formulations import (
 )
 from tvmgroup.bench.shapes import BYTES_PER_ELEMENT, Shape
 from tvmgroup.bench.timing import Timer, Timing, time_calls
+from tvmgroup.lookup import UntunedShapeWarning, schedule_info
 
 # Largest allowed max|got - ref| / max|ref| for float32 results.
 TOLERANCE = 1e-4
@@ -143,6 +145,17 @@ def time_formulation(inst: Instance, layout: str, buffers: list[tuple[Tensor, Te
     return forward_timing, backward_timing
 
 
+def schedule_origins(shape: Shape) -> str:
+    """Where tvmgroup's three kernels for ``shape`` come from: "default" or a tuning log."""
+    origins = {
+        op: schedule_info(op, shape.groups, shape.in_features, shape.out_features)["origin"]
+        for op in ("forward", "grad_input", "grad_weight")
+    }
+    if len(set(origins.values())) == 1:
+        return f"schedules: {next(iter(origins.values()))}"
+    return "schedules: " + ", ".join(f"{op} {origin}" for op, origin in origins.items())
+
+
 def run_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias: Tensor,
                     buffers: list[tuple[Tensor, Tensor]], ref: dict[str, Tensor],
                     settings: Settings, timer: Timer | None) -> Result:
@@ -153,8 +166,13 @@ def run_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias
         return result
     start = time.perf_counter()
     try:
-        inst = formulation.build(weight, bias)
-        result.errors = check(inst, formulation, *buffers[0], ref)
+        with warnings.catch_warnings():
+            # The table says which schedules served tvmgroup (note column) instead.
+            warnings.simplefilter("ignore", UntunedShapeWarning)
+            inst = formulation.build(weight, bias)
+            result.errors = check(inst, formulation, *buffers[0], ref)
+        if formulation.is_tvmgroup:
+            result.message = schedule_origins(shape)
     except Exception as err:  # a formulation that cannot run here is reported, not fatal
         result.status = "failed"
         result.message = f"{type(err).__name__}: {err}".strip().splitlines()[0][:500]
