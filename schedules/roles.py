@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import tvm
 from tvm import s_tir
 
-# Block annotation: rows a kernel needs in multiples of (its tail runs through another build).
+# Block annotation: the tile a kernel's symbolic extent (rows, or L in the conv layout) must be
+# a multiple of; other extents run through the tail build or a padded copy.
 ROW_TILE_KEY = "tvmgroup.row_tile"
 
 
@@ -21,7 +22,6 @@ class LoopRoles:
     block: str  # the main reduction block
     n_spatial: int  # spatial loops come first, then the reduction loops
     row: int  # index of the register-blocked spatial loop
-    row_symbolic: bool  # whether the row loop's extent is the symbolic row count
     vector_symbolic: bool  # whether the vector (last spatial) loop is symbolic
     extra_blocks: tuple[str, ...] = ()  # reductions computed beside the main one
     packs: tuple[str, ...] = ()  # layout copies of the (small) weight
@@ -31,11 +31,11 @@ def loop_roles(op: str, layout: str, bias: bool = True) -> LoopRoles:
     last = layout == "last"
     if op == "forward":
         packs = ("weight_packed",) if last else ()
-        return LoopRoles("y", 3 if last else 4, 0 if last else 2, last, not last, packs=packs)
+        return LoopRoles("y", 3 if last else 4, 0 if last else 2, not last, packs=packs)
     if op == "grad_input":
-        return LoopRoles("grad_x", 3 if last else 4, 0 if last else 2, last, not last)
+        return LoopRoles("grad_x", 3 if last else 4, 0 if last else 2, not last)
     if op == "grad_weight":
-        return LoopRoles("grad_weight", 3, 1, False, False, ("grad_bias",) if bias else ())
+        return LoopRoles("grad_weight", 3, 1, False, ("grad_bias",) if bias else ())
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -6,7 +6,7 @@ kernel needs that extent to be a multiple of ``row_tile``. In the ``"last"`` lay
 the largest multiple of ``row_tile`` rows through ``main`` and the remaining rows through
 ``tail``, a build of the same template with ``tail=True``; the split is on the leading dim,
 so both calls take views of the caller's tensors (no copies). In the ``"conv"`` layout the
-tile applies to the length L: other lengths run wholly through ``tail``.
+tile applies to the length L: other lengths run on zero-padded copies (see ``_call_length``).
 """
 
 from __future__ import annotations
