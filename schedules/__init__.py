@@ -2,7 +2,9 @@
 
 Each template is a function ``(sch, op, layout, bias, knobs, tail) -> None``; with
 :class:`~schedules.knobs.DefaultKnobs` it is the default schedule, with
-:class:`~schedules.knobs.SampledKnobs` a MetaSchedule design space.
+:class:`~schedules.knobs.SampledKnobs` a MetaSchedule design space, with
+:class:`~schedules.knobs.ReplayKnobs` a tuned schedule. ``cuda`` dispatches on the dtype:
+tensor cores (``cuda_tensorcore``) for float16/bfloat16, SIMT (``cuda_simt``) for float32.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Callable
 
 from .cpu import schedule_cpu
 from .cuda import schedule_cuda
-from .knobs import DefaultKnobs, Knobs, SampledKnobs
+from .knobs import DefaultKnobs, DefaultTraceKnobs, Knobs, ReplayKnobs, SampledKnobs, trace_decisions
 from .roles import ROW_TILE_KEY, row_tile_of
 
 TEMPLATES: dict[str, Callable[..., None]] = {"llvm": schedule_cpu, "cuda": schedule_cuda}
@@ -24,4 +26,4 @@ def template_for(target_kind: str) -> Callable[..., None]:
         raise ValueError(f"no schedule template for target kind {target_kind!r}; have {sorted(TEMPLATES)}") from None
 
 
-__all__ = ["TEMPLATES", "template_for", "Knobs", "DefaultKnobs", "SampledKnobs", "ROW_TILE_KEY", "row_tile_of"]
+__all__ = ["TEMPLATES", "template_for", "Knobs", "DefaultKnobs", "DefaultTraceKnobs", "SampledKnobs", "ReplayKnobs", "trace_decisions", "ROW_TILE_KEY", "row_tile_of"]

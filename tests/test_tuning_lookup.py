@@ -16,7 +16,7 @@ from tvmgroup import lookup
 from tvmgroup.compute import OPS, OpSpec
 from tvmgroup.lookup import TuningLogWarning, UntunedShapeWarning
 from tvmgroup.paths import user_logs_dir
-from tvmgroup.target import cpu_target, target_key
+from tvmgroup.target import cpu_target, cuda_target, target_key
 from tvmgroup.tuning import replay
 from tvmgroup.tuning.logs import META, RECORDS, LogError, find_logs
 
@@ -164,7 +164,7 @@ def test_missing_meta_falls_back():
 def test_failing_check_falls_back(monkeypatch):
     fake_log(user_logs_dir(), SPEC, cpu_target())
 
-    def wrong(kernel, seed=0):
+    def wrong(kernel, seed=0, device="cpu"):
         raise LogError("wrong results (simulated)")
 
     monkeypatch.setattr(replay, "check_kernel", wrong)
@@ -172,6 +172,35 @@ def test_failing_check_falls_back(monkeypatch):
         kernel = lookup.kernel_for(SPEC, cpu_target())
     assert kernel.choice.origin == "default"
     assert forward_error(5) < 1e-5
+
+
+def test_tensor_core_default_that_fails_its_check_falls_back_to_simt(monkeypatch):
+    """On a GPU, the default float16/bfloat16 kernel is checked once; a failure serves SIMT."""
+    spec = OpSpec("forward", 2, 8, 8, dtype="float16")
+    target = cuda_target("sm_90")
+    built = []
+    monkeypatch.setattr(lookup.KERNELS, "get", lambda spec, target, choice: built.append(choice) or choice)
+    seen = []
+
+    def wrong(kernel, seed=0, device="cpu"):
+        seen.append((kernel.fingerprint, device))
+        raise LogError("wrong results (simulated)")
+
+    monkeypatch.setattr(replay, "check_kernel", wrong)
+    with pytest.warns(TuningLogWarning, match=r"tensor-core kernel for forward-last-g2-k8-o8-float16-bias failed"):
+        choice = lookup.kernel_for(spec, target)
+    assert seen == [("default", "cuda")]
+    assert choice.fingerprint == "default-simt" and "simulated" in choice.note
+    assert lookup.resolve(spec, target).fingerprint == "default-simt"  # remembered: no second check
+    lookup.kernel_for(spec, target)
+    assert len(seen) == 1
+
+
+def test_float32_cuda_default_is_not_checked(monkeypatch):
+    monkeypatch.setattr(lookup.KERNELS, "get", lambda spec, target, choice: choice)
+    monkeypatch.setattr(replay, "check_kernel", lambda *a, **k: pytest.fail("checked"))
+    with pytest.warns(UntunedShapeWarning):
+        assert lookup.kernel_for(SPEC, cuda_target("sm_90")).fingerprint == "default"
 
 
 def test_check_catches_a_wrong_kernel():

@@ -91,6 +91,24 @@ def test_same_command_again_runs_nothing(tuned_home):
     assert time.perf_counter() - start < 60
 
 
+def test_first_trial_is_the_default_schedule(tuned_home):
+    """The default is measured into every new log, so the log's best is never slower."""
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmgroup.compute import ir_module
+    from tvmgroup.schedules import DefaultTraceKnobs, template_for, trace_decisions
+    from tvmgroup.tuning.logs import RECORDS, WORKLOADS, find_logs
+
+    sch = s_tir.Schedule(ir_module(SPEC, 256))
+    template_for("llvm")(sch, SPEC.op, SPEC.layout, SPEC.bias, DefaultTraceKnobs())
+    (log,) = find_logs(tuned_home / "tuning_logs", spec_key=SPEC.key)
+    db = ms.database.JSONDatabase(str(log.path / WORKLOADS), str(log.path / RECORDS))
+    logged = [trace_decisions(r.trace) for r in db.get_all_tuning_records()]
+    assert len(logged) == 4
+    assert trace_decisions(sch.trace) in logged
+
+
 def test_resume_runs_only_the_missing_trials(tuned_home, tmp_path, monkeypatch):
     seen = {}
 

@@ -127,11 +127,20 @@ def _forward(spec: OpSpec, rows: _Rows):
             row, g, o = rows.split(idx)
             return te.sum(_mul(x[rows.index(row, g, k)], w[g, o, k]), axis=k)
 
-    y = _stored(te.compute(rows.shape(g_, o_), body, name="y"), spec.dtype)
+    y = te.compute(rows.shape(g_, o_), body, name="y")
     args = [x, w]
     if spec.bias:
-        args.append(te.placeholder((g_, o_), spec.dtype, name="bias"))
-    return args + [y]
+        bias = te.placeholder((g_, o_), spec.dtype, name="bias")
+        args.append(bias)
+        if spec.dtype != ACCUMULATOR:
+            # Half types: the bias joins in the cast stage, so the sum starts from zero (what
+            # tensor-core accumulators start from). float32 starts the sum from the bias.
+            def with_bias(*idx):
+                _, g, o = rows.split(idx)
+                return (y(*idx) + _widen(bias[g, o])).astype(spec.dtype)
+
+            return args + [te.compute(y.shape, with_bias, name="y_out")]
+    return args + [_stored(y, spec.dtype)]
 
 
 def _grad_input(spec: OpSpec, rows: _Rows):
@@ -228,7 +237,7 @@ def prim_func(spec: OpSpec, rows: int | None = None) -> tirx.PrimFunc:
     """
     tensors = _BUILDERS[spec.op](spec, _Rows(spec.layout, rows))
     func = te.create_prim_func(tensors)
-    if spec.op == "forward" and spec.bias:
+    if spec.op == "forward" and spec.bias and spec.dtype == ACCUMULATOR:
         func = _bias_init(func)
     return func.with_attr("global_symbol", "main")
 

@@ -76,6 +76,16 @@ def default_choice(spec: OpSpec, target: tvm.target.Target) -> ScheduleChoice:
     return ScheduleChoice("default", apply, fingerprint="default")
 
 
+def simt_choice(spec: OpSpec, target: tvm.target.Target, note: str) -> ScheduleChoice:
+    """The CUDA SIMT template's default schedule, for any dtype: the tensor cores' fallback."""
+    from tvmgroup.schedules.cuda_simt import schedule_simt
+
+    def apply(sch: s_tir.Schedule) -> None:
+        schedule_simt(sch, spec.op, spec.layout, spec.bias, DefaultKnobs())
+
+    return ScheduleChoice("default", apply, fingerprint="default-simt", note=note)
+
+
 @dataclass
 class Kernel:
     spec: OpSpec

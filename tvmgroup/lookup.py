@@ -17,9 +17,10 @@ import warnings
 import tvm
 
 from tvmgroup.compute import OpSpec
-from tvmgroup.kernel import KERNELS, Kernel, ScheduleChoice, default_choice
+from tvmgroup.kernel import KERNELS, Kernel, ScheduleChoice, default_choice, simt_choice
+from tvmgroup.schedules.cuda_tensorcore import DTYPES as TENSOR_CORE_DTYPES
 from tvmgroup.paths import shipped_logs_dir, user_logs_dir
-from tvmgroup.target import target_json, target_key
+from tvmgroup.target import is_cuda, target_json, target_key
 from tvmgroup.tuning.logs import LogError, TuningLog, find_logs
 
 
@@ -34,7 +35,7 @@ class TuningLogWarning(UserWarning):
 _lock = threading.RLock()
 _resolved: dict[tuple, ScheduleChoice] = {}
 _rejected: set[str] = set()  # log paths (or fingerprints) found unusable in this process
-_checked: set[str] = set()  # fingerprints whose kernel passed the float64 check
+_checked: set = set()  # tuned fingerprints, and (spec, target, fingerprint) of defaults, that passed the check
 _warned: set[str] = set()
 
 
@@ -131,11 +132,13 @@ def kernel_for(spec: OpSpec, target: tvm.target.Target) -> Kernel:
 
     while True:
         choice = resolve(spec, target)
-        if choice.origin == "default" or choice.fingerprint in _checked:
+        if choice.origin == "default":
+            return _default_kernel(spec, target, choice)
+        if choice.fingerprint in _checked:
             return KERNELS.get(spec, target, choice)
         try:
             kernel = KERNELS.get(spec, target, choice)
-            check_kernel(kernel)
+            check_kernel(kernel, device="cuda" if is_cuda(target) else "cpu")
         except Exception as err:  # a schedule that fails to build or to compute: never fatal
             with _lock:
                 _rejected.add(choice.fingerprint)
@@ -146,6 +149,37 @@ def kernel_for(spec: OpSpec, target: tvm.target.Target) -> Kernel:
         with _lock:
             _checked.add(choice.fingerprint)
         return kernel
+
+
+def _default_kernel(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice) -> Kernel:
+    """The default kernel; a tensor-core one is checked against float64 on first use.
+
+    Tensor-core kernels are the one default whose code path (wmma intrinsics, padding) has
+    no CPU counterpart for the tests to cover, so a failure falls back to the SIMT template.
+    """
+    from tvmgroup.tuning.replay import check_kernel
+
+    check_key = (spec, target_json(target), choice.fingerprint)
+    if not (is_cuda(target) and choice.fingerprint == "default" and spec.dtype in TENSOR_CORE_DTYPES):
+        return KERNELS.get(spec, target, choice)
+    if check_key in _checked:
+        return KERNELS.get(spec, target, choice)
+    try:
+        kernel = KERNELS.get(spec, target, choice)
+        check_kernel(kernel, device="cuda")
+    except Exception as err:
+        _warn_once(
+            f"tensorcore:{spec.key}",
+            f"tvmgroup: the tensor-core kernel for {spec.key} failed ({err}); using the SIMT kernel",
+            TuningLogWarning,
+        )
+        fallback = simt_choice(spec, target, note=f"tensor-core kernel failed: {err}")
+        with _lock:
+            _resolved[(spec, target_json(target))] = fallback
+        return KERNELS.get(spec, target, fallback)
+    with _lock:
+        _checked.add(check_key)
+    return kernel
 
 
 def schedule_info(

@@ -1,7 +1,9 @@
 """A log's best trace as a schedule for the symbolic-row op, and its one-time numerical check.
 
-The template's trace samples its tiles on static loops and its row tile categorically, so it
-replays unchanged onto the compute with a symbolic row count: one tuned log serves every N.
+Tuning runs the template at a fixed row count; the best trace's sampling decisions are fed
+back to the same template (:class:`~tvmgroup.schedules.ReplayKnobs`) on the compute with a
+symbolic row count. The template samples G/K/O tiles on static loops and row tiles
+categorically, so the same decisions are valid there: one tuned log serves every N.
 The row tile travels as a block annotation, which :func:`~tvmgroup.kernel.build_kernel`
 reads to set up the tail kernel.
 """
@@ -14,16 +16,20 @@ from tvm import s_tir
 
 from tvmgroup.compute import OpSpec, ir_module
 from tvmgroup.kernel import Kernel, ScheduleChoice
+from tvmgroup.schedules import ReplayKnobs, template_for, trace_decisions
 from tvmgroup.tuning.logs import LogError, TuningLog, best_record
 
 
 def choice_from_log(spec: OpSpec, target: tvm.target.Target, log: TuningLog, origin: str) -> ScheduleChoice:
     """The best schedule in ``log``; :class:`LogError` if it is unusable or does not replay."""
     best = best_record(log, spec)
-    trace = best.record.trace
+    template = template_for(target.kind.name)
+    decisions = trace_decisions(best.record.trace)
 
     def apply(sch: s_tir.Schedule) -> None:
-        trace.apply_to_schedule(sch, remove_postproc=True)
+        knobs = ReplayKnobs(decisions)
+        template(sch, spec.op, spec.layout, spec.bias, knobs)
+        knobs.check_used_all()
 
     try:
         apply(s_tir.Schedule(ir_module(spec)))
@@ -40,7 +46,7 @@ def choice_from_log(spec: OpSpec, target: tvm.target.Target, log: TuningLog, ori
 
 
 def _operands(spec: OpSpec, rows: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[int]]:
-    """Random inputs and empty outputs in kernel argument order; the indices of the outputs."""
+    """Random inputs and empty outputs (on the CPU) in kernel argument order; the output indices."""
     g, k, o = spec.groups, spec.in_features, spec.out_features
 
     def act(features: int) -> torch.Tensor:
@@ -76,8 +82,8 @@ def _reference(spec: OpSpec, args: list[torch.Tensor]) -> list[torch.Tensor]:
     return [dw, a[0].sum(dim=(0,) if spec.layout == "last" else (0, 3))]
 
 
-def check_kernel(kernel: Kernel, seed: int = 0) -> None:
-    """Runs ``kernel`` on ``2 * row_tile + 3`` random rows against a float64 reference.
+def check_kernel(kernel: Kernel, seed: int = 0, device: str = "cpu") -> None:
+    """Runs ``kernel`` on ``device`` on ``2 * row_tile + 3`` random rows against a float64 reference.
 
     Raises :class:`LogError` naming the worst error if any output is off by more than a few
     roundings of the storage dtype relative to the sum of absolute terms.
@@ -91,9 +97,11 @@ def check_kernel(kernel: Kernel, seed: int = 0) -> None:
         args, outs = _operands(spec, rows, dtype)
     finally:
         torch.random.set_rng_state(gen_state)
+    args = [t.to(device) for t in args]
     for i in outs:
         args[i].fill_(float("nan"))
     kernel(*args)
+    args = [t.cpu() for t in args]
     refs = _reference(spec, args)
     mags = _reference(spec, [t.abs() for t in args])
     depth = {"forward": spec.in_features + 1, "grad_input": spec.out_features, "grad_weight": rows}[spec.op]

@@ -2,7 +2,8 @@
 
 Records go straight into the log's database files, one line per measurement, so an
 interrupted run leaves a usable log; running the same request again measures only the
-trials still missing from it (the search starts from the best records already there).
+trials still missing from it (the search starts from the best records already there). The
+first trial of a new log is the default schedule, so a log is never worse than no log.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -22,15 +24,19 @@ import torch
 import tvm
 from tqdm import tqdm
 from tvm.ir.utils import derived_object
+from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from tvmgroup.compute import OpSpec, ir_module
+from tvmgroup.schedules import DefaultTraceKnobs, template_for
 from tvmgroup.schedules.cpu import ROW_MULTIPLE
 from tvmgroup.target import is_cuda, target_key
 from tvmgroup.tuning.logs import (
     FORMAT, RECORDS, WORKLOADS, count_records, log_dir, mean_secs, prune, read_meta, read_records, write_meta,
 )
 from tvmgroup.tuning.space import make_space
+
+log = logging.getLogger(__name__)
 
 BUILD_TIMEOUT_S = 120.0  # generous: compile jobs share the cores with the measurements
 RUN_TIMEOUT_S = 30.0
@@ -151,6 +157,36 @@ def _exit_on_interrupt(req: TuneRequest, path: Path, bar: tqdm) -> Callable[[], 
     return lambda: signal.signal(signal.SIGINT, previous)
 
 
+def _measure_default(req: TuneRequest, database, builder, runner) -> int:
+    """Measures the default schedule as MetaSchedule measures candidates and records it.
+
+    Returns the number of records added (0 if it failed to build or run: the search then
+    goes on without it).
+    """
+    mod = ir_module(req.spec, req.rows)
+    sch = s_tir.Schedule(mod)
+    template_for(req.target.kind.name)(sch, req.spec.op, req.spec.layout, req.spec.bias, DefaultTraceKnobs())
+    args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, req.target)])
+    if built.error_msg:
+        log.warning("the default schedule of %s failed to build: %s", req.spec.key, built.error_msg)
+        return 0
+    try:
+        device = "cuda" if is_cuda(req.target) else "cpu"
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])
+        result = future.result()
+    finally:
+        shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
+    if result.error_msg or not result.run_secs:
+        log.warning("the default schedule of %s failed to run: %s", req.spec.key, result.error_msg)
+        return 0
+    workload = database.commit_workload(mod)
+    database.commit_tuning_record(
+        ms.database.TuningRecord(sch.trace, workload, run_secs=result.run_secs, target=req.target, args_info=args_info)
+    )
+    return 1
+
+
 def tune_op(req: TuneRequest, *, progress: bool = True) -> TuneResult:
     """Tunes ``req.spec`` until its log holds ``req.trials`` trials (resuming one if present)."""
     if req.rows % ROW_MULTIPLE:
@@ -168,15 +204,26 @@ def tune_op(req: TuneRequest, *, progress: bool = True) -> TuneResult:
             f"{path} was tuned with TVM {old.get('tvm_version')!r}, this is TVM {tvm.__version__}; "
             "delete it or pass another --output to start afresh"
         )
-    done = max(int(old.get("trials", 0) or 0), count_records(path))
+    done = before = max(int(old.get("trials", 0) or 0), count_records(path))
     remaining = req.trials - done
-    best = _best_seconds(path)
     if remaining <= 0 or (old.get("exhausted") and old.get("space") == req.space):
-        return TuneResult(path, done, done, best, exhausted=bool(old.get("exhausted")))
+        return TuneResult(path, done, done, _best_seconds(path), exhausted=bool(old.get("exhausted")))
     meta = log_meta(req, done)
     write_meta(path, meta)
     database = ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS), allow_missing=True)
     cores = int(req.target.attrs.get("num-cores", 1) or 1) if not is_cuda(req.target) else 1
+    builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=BUILD_TIMEOUT_S)
+    runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
+    if req.space == "template" and done == 0:
+        # The default schedule is the search's first trial: the log's best is never slower than
+        # the default (up to noise), and the search evolves from it.
+        done += _measure_default(req, database, builder, runner)
+        meta["trials"] = done
+        write_meta(path, meta)
+        remaining = req.trials - done
+        if remaining <= 0:
+            return _finish(req, path, before)
+    best = _best_seconds(path)
     bar = tqdm(total=req.trials, initial=done, desc=req.spec.key, unit="trial", disable=not progress, dynamic_ncols=True)
     callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_Progress(bar, path, meta, best)]
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
@@ -193,8 +240,8 @@ def tune_op(req: TuneRequest, *, progress: bool = True) -> TuneResult:
                 strategy=ms.search_strategy.EvolutionarySearch(),
                 cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
                 database=database,
-                builder=ms.builder.LocalBuilder(max_workers=cores, timeout_sec=BUILD_TIMEOUT_S),
-                runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S),
+                builder=builder,
+                runner=runner,
                 measure_callbacks=callbacks,
                 num_tuning_cores=cores,
                 seed=req.seed,
@@ -204,11 +251,15 @@ def tune_op(req: TuneRequest, *, progress: bool = True) -> TuneResult:
         bar.close()
         if req.keep is not None:
             prune(path, req.keep)
+    return _finish(req, path, before)
+
+
+def _finish(req: TuneRequest, path: Path, before: int) -> TuneResult:
     meta = read_meta(path)
-    after = int(meta.get("trials", done))
+    after = int(meta.get("trials", before))
     if after < req.trials:
         # The search returned early: it found no candidate it had not measured already.
         meta["exhausted"] = True
         write_meta(path, meta)
-    return TuneResult(path, done, after, _best_seconds(path), exhausted=after < req.trials)
+    return TuneResult(path, before, after, _best_seconds(path), exhausted=after < req.trials)
 
