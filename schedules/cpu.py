@@ -6,11 +6,12 @@ the "row" axis is split and unrolled, so each reduction step broadcasts one oper
 Outer loops are fused and run in parallel.
 
 Symbolic loops in the micro-kernel are split *without* a tail predicate (a predicate there
-costs 3-30x): in the ``"last"`` layout the row loop, so the kernel requires the row count to
-be a multiple of its row tile and the caller runs the remaining rows through a build with
-``tail=True``; in the ``"conv"`` layout the vectorised length loop, so the kernel requires L
-to be a multiple of the tile and other lengths run wholly through the (predicated) tail
-build (see :mod:`tvmgroup.kernel`). The tile is recorded on the
+costs 3-30x). Where the features are innermost (``"last"``) that is the row loop, so the
+kernel requires the row count to be a multiple of its row tile and the caller runs the
+remaining rows through a build with ``tail=True``; where a row axis is innermost
+(``"conv"``'s length L, :attr:`~tvmgroup.layouts.Layout.rows_innermost`) it is the vectorised
+length loop, so the kernel requires L to be a multiple of the tile and the caller pads
+other lengths (see :mod:`tvmgroup.kernel`). The tile is recorded on the
 main block as the annotation ``ROW_TILE_KEY``, so a replayed trace carries it too. A
 row count used for tuning must be a multiple of every candidate (``ROW_MULTIPLE``).
 """
@@ -20,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tvm import s_tir
+
+from tvmgroup.layouts import layout_of
 
 from .knobs import Knobs
 from .roles import ROW_TILE_KEY, loop_roles
@@ -35,19 +38,21 @@ VECTOR_ALIGN = 16  # static vector loops are partitioned into a multiple of this
 def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: Knobs, tail: bool = False) -> None:
     """Applies the template to the op's PrimFunc in ``sch``."""
     roles = loop_roles(op, layout, bias)
-    # conv grad_weight vectorises the summed L, not its static vector loop: no partition.
-    nests = _nests(sch, roles, partition=not (op == "grad_weight" and layout == "conv"))
+    rows_innermost = layout_of(layout).rows_innermost
+    # With rows innermost, grad_weight vectorises the summed rows, not its static vector loop:
+    # no partition.
+    nests = _nests(sch, roles, partition=not (op == "grad_weight" and rows_innermost))
     if op == "grad_weight":
-        row_tile = _schedule_weight_grad(sch, nests, layout, knobs, tail)
+        row_tile = _schedule_weight_grad(sch, nests, rows_innermost, knobs, tail)
     else:
-        row_tile = _schedule_rows(sch, nests, layout, knobs, tail)
+        row_tile = _schedule_rows(sch, nests, rows_innermost, knobs, tail)
     for nest in nests:
         sch.annotate(nest.block, ROW_TILE_KEY, row_tile)
     for name in roles.extra_blocks:
-        if layout == "conv" and not tail:
+        if rows_innermost and not tail:
             _conv_column_sum_in_lanes(sch, name, row_tile)
         else:
-            _schedule_column_sum(sch, name, row_tile if layout == "last" else 1)
+            _schedule_column_sum(sch, name, 1 if rows_innermost else row_tile)
     for name in roles.packs:
         _schedule_pack(sch, name)
 
@@ -109,9 +114,9 @@ def _split_static(sch, loop, knobs: Knobs, limit: int, default: int):
     return sch.split(loop, [None, factor])
 
 
-def _schedule_rows(sch, nests: list[_Nest], layout: str, knobs: Knobs, tail: bool) -> int:
+def _schedule_rows(sch, nests: list[_Nest], rows_innermost: bool, knobs: Knobs, tail: bool) -> int:
     """forward and grad_input: out[row, g, j] = sum_r a[row, g, r] * b[g, r, j]."""
-    if layout == "last":
+    if not rows_innermost:
         # One row tile for every nest: the kernel's callers split rows by it.
         row_tile = 1 if tail else knobs.inner_choice(sch, ROW_TILES, 8)
         main, *remainder = nests
@@ -127,7 +132,8 @@ def _schedule_rows(sch, nests: list[_Nest], layout: str, knobs: Knobs, tail: boo
             sch.parallel(sch.fuse(r0, *nest.outer))
             _finish_micro_kernel(sch, nest, r1, nest.vec, None)
         return row_tile
-    # conv: the vector loop is the symbolic length L: exact split, predicated in the tail build.
+    # Rows innermost (conv): the vector loop is the symbolic length L: exact split, predicated
+    # in the tail build.
     (nest,) = nests
     tile = knobs.inner_choice(sch, VECTOR_TILES, 32)
     v0, v1 = sch.split(nest.vec, [None, tile], disable_predication=not tail)
@@ -161,13 +167,13 @@ def _accumulate_locally(sch, block, loop, tail: bool):
     return cache
 
 
-def _schedule_weight_grad(sch, nests: list[_Nest], layout: str, knobs: Knobs, tail: bool) -> int:
+def _schedule_weight_grad(sch, nests: list[_Nest], rows_innermost: bool, knobs: Knobs, tail: bool) -> int:
     """grad_weight[g, o, k] = sum over rows of grad_y[row, g, o] * x[row, g, k]."""
-    if layout == "conv" and not tail:
+    if rows_innermost and not tail:
         (nest,) = nests
         return _conv_weight_grad_in_lanes(sch, nest, knobs)
     chunk = 1
-    if layout == "last" and not tail:
+    if not rows_innermost and not tail:
         chunk = knobs.inner_choice(sch, ROW_CHUNKS, 16)
     for i, nest in enumerate(nests):
         (g,) = nest.outer
@@ -177,7 +183,7 @@ def _schedule_weight_grad(sch, nests: list[_Nest], layout: str, knobs: Knobs, ta
         else:  # the remainder of a partitioned vector loop: short, starts past 0
             k0, k1 = sch.add_unit_loop(nest.vec), nest.vec
         o0, o1 = _split_static(sch, nest.row, knobs, 8, o_default)
-        if layout == "last":
+        if not rows_innermost:
             # A chunk of rows, contiguous in memory for all groups, is read once by every
             # (group, o, k) tile before the next chunk: rows are the outermost loop.
             n0, n1 = sch.split(nest.reduce[0], [None, chunk], disable_predication=True)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import tvm
 from tvm import s_tir
 
+from tvmgroup.layouts import layout_of
+
 # Block annotation: the tile a kernel's symbolic extent (rows, or L in the conv layout) must be
 # a multiple of; other extents run through the tail build or a padded copy.
 ROW_TILE_KEY = "tvmgroup.row_tile"
@@ -28,7 +30,7 @@ class LoopRoles:
 
 
 def loop_roles(op: str, layout: str, bias: bool = True) -> LoopRoles:
-    last = layout == "last"
+    last = not layout_of(layout).rows_innermost
     if op == "forward":
         packs = ("weight_packed",) if last else ()
         return LoopRoles("y", 3 if last else 4, 0 if last else 2, not last, packs=packs)
@@ -39,7 +41,7 @@ def loop_roles(op: str, layout: str, bias: bool = True) -> LoopRoles:
     raise ValueError(f"unknown op {op!r}")
 
 
-def row_tile_of(mod: tvm.IRModule, op: str, layout: str) -> int:
+def row_tile_of(mod: tvm.IRModule) -> int:
     """The row tile a scheduled module requires: the largest ``ROW_TILE_KEY`` on its blocks."""
     sch = s_tir.Schedule(mod)
     tiles = [1]

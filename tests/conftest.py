@@ -14,6 +14,9 @@ from typing import Callable
 import pytest
 import torch
 
+from tvmgroup.layouts import layout_of
+from tvmgroup.opdefs import reference_pass
+
 UNIT_ROUNDOFF = 2.0**-24
 
 
@@ -33,19 +36,9 @@ def _seed(request: pytest.FixtureRequest) -> None:
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str) -> torch.Tensor:
-    """The grouped linear op by einsum, in the dtype of its arguments."""
-    g, o, k = weight.shape
-    if layout == "last":
-        xs = x.reshape(*x.shape[:-1], g, k)
-        y = torch.einsum("...gk,gok->...go", xs, weight)
-        if bias is not None:
-            y = y + bias
-        return y.reshape(*x.shape[:-1], g * o)
-    xs = x.reshape(x.shape[0], g, k, x.shape[2])
-    y = torch.einsum("bgkl,gok->bgol", xs, weight)
-    if bias is not None:
-        y = y + bias[None, :, :, None]
-    return y.reshape(x.shape[0], g * o, x.shape[2])
+    """The grouped linear op in float64, from the forward op's own reference."""
+    grad_y = torch.zeros(layout_of(layout).out_shape(x, weight.shape[0], weight.shape[1]))
+    return reference_pass(layout_of(layout), x, weight, bias, grad_y)["y"]
 
 
 def reference_grads(
@@ -53,20 +46,18 @@ def reference_grads(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
     """Float64 (value, magnitude, depth) of y, grad_x, grad_weight and grad_bias.
 
-    The magnitude is the same sum over absolute values: for a bilinear op, autograd of the
-    op on |x|, |weight|, |bias| with upstream |grad_y| gives exactly those sums.
+    The magnitude is the same pass on absolute values: for a bilinear op, the sums over
+    |x|, |weight|, |bias| and |grad_y| are exactly the sums of absolute terms.
     """
     g, o, k = weight.shape
     rows = grad_y.numel() // (g * o)
-    out = {}
-    for key, f in (("value", lambda t: t.detach().double()), ("mag", lambda t: t.detach().double().abs())):
-        xs, ws = f(x).requires_grad_(), f(weight).requires_grad_()
-        bs = f(bias).requires_grad_() if bias is not None else None
-        y = reference(xs, ws, bs, layout)
-        y.backward(f(grad_y))
-        out[key] = {"y": y.detach(), "x": xs.grad, "weight": ws.grad, "bias": bs.grad if bs is not None else None}
+    lay = layout_of(layout)
+    absolute = lambda t: t.abs() if t is not None else None  # noqa: E731
+    value = reference_pass(lay, x, weight, bias, grad_y)
+    mag = reference_pass(lay, x.abs(), weight.abs(), absolute(bias), grad_y.abs())
+    names = {"y": "y", "x": "grad_x", "weight": "grad_weight", "bias": "grad_bias"}
     depth = {"y": k + 1, "x": o, "weight": rows, "bias": rows}
-    return {name: (out["value"][name], out["mag"][name], depth[name]) for name in depth}
+    return {name: (value[names[name]], mag[names[name]], depth[name]) for name in names}
 
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor, depth: int, what: str = "") -> None:

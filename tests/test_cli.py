@@ -35,3 +35,4 @@ def test_no_command_is_an_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == 2
+

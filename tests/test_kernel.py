@@ -15,7 +15,8 @@ import torch
 
 from tvmgroup import kernel as kernel_mod
 from tvmgroup.compute import OpSpec
-from tvmgroup.kernel import KERNELS, Kernel, KernelCache, build_kernel, default_choice
+from tvmgroup.choice import default_choice
+from tvmgroup.kernel import KERNELS, Kernel, KernelCache, build_kernel
 from tvmgroup.lookup import kernel_for
 from tvmgroup.target import cpu_target
 

@@ -17,8 +17,8 @@ from tvmgroup.compute import OPS, OpSpec
 from tvmgroup.lookup import TuningLogWarning, UntunedShapeWarning
 from tvmgroup.paths import user_logs_dir
 from tvmgroup.target import cpu_target, cuda_target, target_key
-from tvmgroup.tuning import replay
-from tvmgroup.tuning.logs import META, RECORDS, LogError, find_logs
+from tvmgroup import check
+from tvmgroup.logs import META, RECORDS, LogError, find_logs
 
 from tuning_helpers import fake_log, forward_error
 
@@ -73,7 +73,7 @@ def test_every_op_replays_and_passes_the_check(op, layout):
     fake_log(user_logs_dir(), spec, cpu_target(), seeds=(5,))
     kernel = lookup.kernel_for(spec, cpu_target())
     assert kernel.choice.origin == "user"
-    replay.check_kernel(kernel, seed=3)
+    check.check_kernel(kernel, seed=3)
 
 
 def test_shipped_log_after_user(monkeypatch, tmp_path):
@@ -164,10 +164,10 @@ def test_missing_meta_falls_back():
 def test_failing_check_falls_back(monkeypatch):
     fake_log(user_logs_dir(), SPEC, cpu_target())
 
-    def wrong(kernel, seed=0, device="cpu"):
+    def wrong(kernel, seed=0):
         raise LogError("wrong results (simulated)")
 
-    monkeypatch.setattr(replay, "check_kernel", wrong)
+    monkeypatch.setattr(lookup, "check_kernel", wrong)
     with pytest.warns(TuningLogWarning, match="simulated"):
         kernel = lookup.kernel_for(SPEC, cpu_target())
     assert kernel.choice.origin == "default"
@@ -182,14 +182,14 @@ def test_tensor_core_default_that_fails_its_check_falls_back_to_simt(monkeypatch
     monkeypatch.setattr(lookup.KERNELS, "get", lambda spec, target, choice: built.append(choice) or choice)
     seen = []
 
-    def wrong(kernel, seed=0, device="cpu"):
-        seen.append((kernel.fingerprint, device))
+    def wrong(kernel, seed=0):
+        seen.append(kernel.fingerprint)
         raise LogError("wrong results (simulated)")
 
-    monkeypatch.setattr(replay, "check_kernel", wrong)
+    monkeypatch.setattr(lookup, "check_kernel", wrong)
     with pytest.warns(TuningLogWarning, match=r"tensor-core kernel for forward-last-g2-k8-o8-float16-bias failed"):
         choice = lookup.kernel_for(spec, target)
-    assert seen == [("default", "cuda")]
+    assert seen == ["default"]
     assert choice.fingerprint == "default-simt" and "simulated" in choice.note
     assert lookup.resolve(spec, target).fingerprint == "default-simt"  # remembered: no second check
     lookup.kernel_for(spec, target)
@@ -198,7 +198,7 @@ def test_tensor_core_default_that_fails_its_check_falls_back_to_simt(monkeypatch
 
 def test_float32_cuda_default_is_not_checked(monkeypatch):
     monkeypatch.setattr(lookup.KERNELS, "get", lambda spec, target, choice: choice)
-    monkeypatch.setattr(replay, "check_kernel", lambda *a, **k: pytest.fail("checked"))
+    monkeypatch.setattr(lookup, "check_kernel", lambda *a, **k: pytest.fail("checked"))
     with pytest.warns(UntunedShapeWarning):
         assert lookup.kernel_for(SPEC, cuda_target("sm_90")).fingerprint == "default"
 
@@ -208,14 +208,14 @@ def test_check_catches_a_wrong_kernel():
     kernel = lookup.kernel_for(SPEC, cpu_target())
 
     class Broken:
-        spec, row_tile, choice = kernel.spec, kernel.row_tile, kernel.choice
+        spec, row_tile, choice, target = kernel.spec, kernel.row_tile, kernel.choice, kernel.target
 
         def __call__(self, *args):
             kernel(*args)
             args[-1][0, 0, 0] += 1.0
 
     with pytest.raises(LogError, match="wrong results"):
-        replay.check_kernel(Broken())
+        check.check_kernel(Broken())
 
 
 def test_fingerprint_follows_the_log_content():

@@ -19,7 +19,7 @@ import torch
 from tvmgroup import cli
 from tvmgroup.compute import OpSpec
 from tvmgroup.target import cpu_target, target_key
-from tvmgroup.tuning.logs import RECORDS, count_records, find_logs, prune
+from tvmgroup.logs import RECORDS, count_records, find_logs, prune
 from tvmgroup.tuning import tune as tune_mod
 from tvmgroup.tuning.tune import TuneRequest, tune_op
 
@@ -98,7 +98,7 @@ def test_first_trial_is_the_default_schedule(tuned_home):
 
     from tvmgroup.compute import ir_module
     from tvmgroup.schedules import DefaultTraceKnobs, template_for, trace_decisions
-    from tvmgroup.tuning.logs import RECORDS, WORKLOADS, find_logs
+    from tvmgroup.logs import RECORDS, WORKLOADS, find_logs
 
     sch = s_tir.Schedule(ir_module(SPEC, 256))
     template_for("llvm")(sch, SPEC.op, SPEC.layout, SPEC.bias, DefaultTraceKnobs())

@@ -10,8 +10,10 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from tvmgroup.compute import OpSpec, ir_module
+from tvmgroup.layouts import layout_of
+from tvmgroup.opdefs import reference_pass
 from tvmgroup.schedules import SampledKnobs, template_for
-from tvmgroup.tuning.logs import RECORDS, WORKLOADS, write_meta
+from tvmgroup.logs import RECORDS, WORKLOADS, write_meta
 from tvmgroup.tuning.tune import TuneRequest, log_meta
 
 
@@ -43,9 +45,7 @@ def forward_error(n: int, groups: int = 2, k: int = 8, o: int = 8, bias: bool = 
     x, w = torch.randn(n, groups * k), torch.randn(groups, o, k)
     b = torch.randn(groups, o) if bias else None
     y = grouped_linear(x, w, b).double()
-    xs = x.double().view(n, groups, k)
-    ref = torch.einsum("ngk,gok->ngo", xs, w.double())
-    mag = torch.einsum("ngk,gok->ngo", xs.abs(), w.double().abs())
-    if b is not None:
-        ref, mag = ref + b.double(), mag + b.double().abs()
-    return ((y.view(n, groups, o) - ref).abs() / (mag + 1e-30)).max().item()
+    grad_y = torch.zeros(n, groups * o)
+    ref = reference_pass(layout_of("last"), x, w, b, grad_y)["y"]
+    mag = reference_pass(layout_of("last"), x.abs(), w.abs(), b.abs() if b is not None else None, grad_y)["y"]
+    return ((y - ref).abs() / (mag + 1e-30)).max().item()

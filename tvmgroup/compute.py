@@ -1,29 +1,24 @@
-"""TE compute definitions of the grouped linear op and its two backward passes.
+"""An op's kernel specification (:class:`OpSpec`) and its TIR PrimFunc.
 
-Every op is a per-group contraction. The row count (all leading dims of the user's
-tensor, flattened) is symbolic, so one compiled kernel serves every batch size; G, K and O
-are static so schedules can tile them exactly.
-
-Two memory layouts are supported, and the kernels index the user's tensors in place:
-
-* ``"last"``: x is ``(N, G, K)`` (a view of ``(..., G*K)``), y is ``(N, G, O)``.
-* ``"conv"``: x is ``(B, G, K, L)`` (a view of Conv1d's ``(B, G*K, L)``), y ``(B, G, O, L)``.
-  Both B and L are symbolic.
+The compute definitions themselves live with their ops (:mod:`tvmgroup.opdefs`), written
+against a :class:`~tvmgroup.layouts.Layout`. The row count (all batch-like axes) is symbolic,
+so one compiled kernel serves every batch size; G, K and O are static.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import tvm
 from tvm import s_tir, te, tirx
 
-Layout = Literal["last", "conv"]
-OpName = Literal["forward", "grad_input", "grad_weight"]
+from tvmgroup.layouts import LAYOUTS as _LAYOUT_REGISTRY
+from tvmgroup.layouts import Layout, layout_of
+from tvmgroup.opdefs import ACCUMULATOR, OP_DEFS, OpDef, op_def
 
-LAYOUTS: tuple[str, ...] = ("last", "conv")
-OPS: tuple[str, ...] = ("forward", "grad_input", "grad_weight")
+LAYOUTS: tuple[str, ...] = tuple(_LAYOUT_REGISTRY)  # layout names
+OPS: tuple[str, ...] = tuple(OP_DEFS)  # op names
 
 
 @dataclass(frozen=True)
@@ -39,17 +34,23 @@ class OpSpec:
     bias: bool = True
 
     def __post_init__(self) -> None:
-        if self.op not in OPS:
-            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        op_def(self.op)  # ValueErrors naming the choices
+        layout_of(self.layout)
         for name in ("groups", "in_features", "out_features"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.op == "grad_input" and self.bias:
-            # grad_input never sees the bias: one kernel (and one tuning log) serves both.
+        if self.bias and not OP_DEFS[self.op].uses_bias:
+            # e.g. grad_input never sees the bias: one kernel (and one tuning log) serves both.
             object.__setattr__(self, "bias", False)
+
+    @property
+    def op_def(self) -> OpDef:
+        return OP_DEFS[self.op]
+
+    @property
+    def layout_def(self) -> Layout:
+        return _LAYOUT_REGISTRY[self.layout]
 
     @property
     def key(self) -> str:
@@ -61,136 +62,12 @@ class OpSpec:
         )
 
 
-ACCUMULATOR = "float32"  # every sum accumulates in float32, whatever the storage dtype
-
-
-def _widen(value):
-    return value if value.dtype == ACCUMULATOR else value.astype(ACCUMULATOR)
-
-
-def _mul(a, b):
-    return _widen(a) * _widen(b)
-
-
-def _stored(acc: te.Tensor, dtype: str) -> te.Tensor:
-    """The float32 sum ``acc`` as the op's storage dtype: a cast stage named ``<acc>_out``."""
-    if dtype == ACCUMULATOR:
-        return acc
-    return te.compute(acc.shape, lambda *i: acc(*i).astype(dtype), name=f"{acc.op.name}_out")
-
-
-class _Rows:
-    """Maps a row (the flattened leading dims) and a feature index to tensor indices."""
-
-    def __init__(self, layout: str, rows: int | None = None) -> None:
-        self.layout = layout
-        if layout == "last":
-            self.dims = [te.var("n") if rows is None else rows]
-        else:
-            self.dims = [te.var("b"), te.var("l")] if rows is None else [1, rows]
-
-    def shape(self, groups: int, features: int) -> list:
-        if self.layout == "last":
-            return [self.dims[0], groups, features]
-        return [self.dims[0], groups, features, self.dims[1]]
-
-    def index(self, row: tuple, g, f) -> tuple:
-        if self.layout == "last":
-            return (row[0], g, f)
-        return (row[0], g, f, row[1])
-
-    def split(self, idx: tuple) -> tuple[tuple, object, object]:
-        """Splits output indices into (row, group, feature)."""
-        if self.layout == "last":
-            return (idx[0],), idx[1], idx[2]
-        return (idx[0], idx[3]), idx[1], idx[2]
-
-    def reduce_axes(self) -> list:
-        return [te.reduce_axis((0, d), name=f"r{i}") for i, d in enumerate(self.dims)]
-
-
-def _forward(spec: OpSpec, rows: _Rows):
-    g_, k_, o_ = spec.groups, spec.in_features, spec.out_features
-    x = te.placeholder(rows.shape(g_, k_), spec.dtype, name="x")
-    w = te.placeholder((g_, o_, k_), spec.dtype, name="weight")
-    k = te.reduce_axis((0, k_), name="k")
-    if rows.layout == "last":
-        # Packed so the innermost (vectorised) output axis reads weight contiguously.
-        wt = te.compute((g_, k_, o_), lambda g, kk, o: w[g, o, kk], name="weight_packed")
-
-        def body(*idx):
-            row, g, o = rows.split(idx)
-            return te.sum(_mul(x[rows.index(row, g, k)], wt[g, k, o]), axis=k)
-    else:
-
-        def body(*idx):
-            row, g, o = rows.split(idx)
-            return te.sum(_mul(x[rows.index(row, g, k)], w[g, o, k]), axis=k)
-
-    y = te.compute(rows.shape(g_, o_), body, name="y")
-    args = [x, w]
-    if spec.bias:
-        bias = te.placeholder((g_, o_), spec.dtype, name="bias")
-        args.append(bias)
-        if spec.dtype != ACCUMULATOR:
-            # Half types: the bias joins in the cast stage, so the sum starts from zero (what
-            # tensor-core accumulators start from). float32 starts the sum from the bias.
-            def with_bias(*idx):
-                _, g, o = rows.split(idx)
-                return (y(*idx) + _widen(bias[g, o])).astype(spec.dtype)
-
-            return args + [te.compute(y.shape, with_bias, name="y_out")]
-    return args + [_stored(y, spec.dtype)]
-
-
-def _grad_input(spec: OpSpec, rows: _Rows):
-    g_, k_, o_ = spec.groups, spec.in_features, spec.out_features
-    dy = te.placeholder(rows.shape(g_, o_), spec.dtype, name="grad_y")
-    w = te.placeholder((g_, o_, k_), spec.dtype, name="weight")
-    o = te.reduce_axis((0, o_), name="o")
-
-    def body(*idx):
-        row, g, k = rows.split(idx)
-        return te.sum(_mul(dy[rows.index(row, g, o)], w[g, o, k]), axis=o)
-
-    dx = _stored(te.compute(rows.shape(g_, k_), body, name="grad_x"), spec.dtype)
-    return [dy, w, dx]
-
-
-def _grad_weight(spec: OpSpec, rows: _Rows):
-    g_, k_, o_ = spec.groups, spec.in_features, spec.out_features
-    dy = te.placeholder(rows.shape(g_, o_), spec.dtype, name="grad_y")
-    x = te.placeholder(rows.shape(g_, k_), spec.dtype, name="x")
-    r = rows.reduce_axes()
-    row = tuple(r)
-    dw = te.compute(
-        (g_, o_, k_),
-        lambda g, o, k: te.sum(_mul(dy[rows.index(row, g, o)], x[rows.index(row, g, k)]), axis=r),
-        name="grad_weight",
-    )
-    outs = [_stored(dw, spec.dtype)]
-    if spec.bias:
-        rb = rows.reduce_axes()
-        rowb = tuple(rb)
-        db = te.compute(
-            (g_, o_), lambda g, o: te.sum(_widen(dy[rows.index(rowb, g, o)]), axis=rb), name="grad_bias"
-        )
-        outs.append(_stored(db, spec.dtype))
-    return [dy, x] + outs
-
-
-_BUILDERS: dict[str, Callable] = {
-    "forward": _forward,
-    "grad_input": _grad_input,
-    "grad_weight": _grad_weight,
-}
-
-
 def _set_reduction_init(stmt, block_name: str, make_init: Callable):
     """Returns ``stmt`` with the init of block ``block_name`` replaced by ``make_init(block)``.
 
     ``te.create_prim_func`` always initialises a reduction with the reducer's identity; the
-    forward pass starts its sum from the bias instead, so the bias costs no extra pass over y.
+    float32 forward pass starts its sum from the bias instead, so the bias costs no extra
+    pass over y.
     """
     if isinstance(stmt, tirx.For):
         return tirx.For(
@@ -232,12 +109,12 @@ def _bias_init(func: tirx.PrimFunc) -> tirx.PrimFunc:
 def prim_func(spec: OpSpec, rows: int | None = None) -> tirx.PrimFunc:
     """The op as a TIR PrimFunc; ``rows`` fixes the row count (used when tuning), else symbolic.
 
-    Argument order: forward ``(x, weight[, bias], y)``; grad_input ``(grad_y, weight, grad_x)``;
-    grad_weight ``(grad_y, x, grad_weight[, grad_bias])``.
+    Its arguments are in the order of the op's :class:`~tvmgroup.opdefs.OpDef` ``args``.
     """
-    tensors = _BUILDERS[spec.op](spec, _Rows(spec.layout, rows))
+    layout = spec.layout_def
+    tensors = spec.op_def.build(spec, layout, layout.row_dims(rows))
     func = te.create_prim_func(tensors)
-    if spec.op == "forward" and spec.bias and spec.dtype == ACCUMULATOR:
+    if spec.op_def.sum_starts_from_bias and spec.bias and spec.dtype == ACCUMULATOR:
         func = _bias_init(func)
     return func.with_attr("global_symbol", "main")
 

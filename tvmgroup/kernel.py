@@ -2,11 +2,13 @@
 
 A :class:`Kernel` wraps up to two compiled TVM functions. CPU schedules split a symbolic
 loop without a tail predicate (it would slow the micro-kernel several times), so such a
-kernel needs that extent to be a multiple of ``row_tile``. In the ``"last"`` layout it runs
-the largest multiple of ``row_tile`` rows through ``main`` and the remaining rows through
-``tail``, a build of the same template with ``tail=True``; the split is on the leading dim,
-so both calls take views of the caller's tensors (no copies). In the ``"conv"`` layout the
-tile applies to the length L: other lengths run on zero-padded copies (see ``_call_length``).
+kernel needs that extent to be a multiple of ``row_tile``. Where the features are innermost
+(``"last"``) it runs the largest multiple of ``row_tile`` rows through ``main`` and the
+remaining rows through ``tail``, a build of the same template with ``tail=True``; the split
+is on the leading dim, so both calls take views of the caller's tensors (no copies). Where a
+row axis is innermost (``"conv"``'s length L) the tile applies to it: other lengths run on
+zero-padded copies (see ``_call_length``). Which arguments are row-indexed and which are
+sums over rows comes from the op's :class:`~tvmgroup.opdefs.OpDef`.
 """
 
 from __future__ import annotations
@@ -20,34 +22,19 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import tvm
 from filelock import FileLock
 from tvm import s_tir
 
-from tvmgroup.schedules import DefaultKnobs, row_tile_of, template_for
+from tvmgroup.choice import ScheduleChoice, ScheduleFn
 from tvmgroup.compute import OpSpec, ir_module
 from tvmgroup.paths import kernel_cache_dir
-from tvmgroup.target import target_json, target_key
+from tvmgroup.schedules import DefaultKnobs, row_tile_of
+from tvmgroup.target import family_of, target_json, target_key
 
 log = logging.getLogger(__name__)
-
-# Applies a schedule to ``sch``, which holds the op with symbolic rows.
-ScheduleFn = Callable[[s_tir.Schedule], None]
-
-
-@dataclass(frozen=True)
-class ScheduleChoice:
-    """Which schedule serves an op: where it came from and how to apply it."""
-
-    origin: str  # "user", "shipped" or "default"
-    apply: ScheduleFn
-    fingerprint: str  # changes whenever the schedule does; part of the disk-cache key
-    log: str | None = None
-    tuned_rows: int | None = None
-    note: str | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,60 +44,47 @@ def code_fingerprint() -> str:
     Part of every schedule's fingerprint, so kernels cached on disk by an older version of
     this code are never loaded after it changes.
     """
-    from tvmgroup import compute, schedules
+    from tvmgroup import compute, layouts, opdefs, schedules
 
     digest = hashlib.sha256()
-    files = [Path(compute.__file__)] + sorted(Path(schedules.__file__).parent.glob("*.py"))
+    files = [Path(m.__file__) for m in (compute, layouts, opdefs)] + sorted(Path(schedules.__file__).parent.glob("*.py"))
     for path in files:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def default_choice(spec: OpSpec, target: tvm.target.Target) -> ScheduleChoice:
-    template = template_for(target.kind.name)
-
-    def apply(sch: s_tir.Schedule) -> None:
-        template(sch, spec.op, spec.layout, spec.bias, DefaultKnobs())
-
-    return ScheduleChoice("default", apply, fingerprint="default")
-
-
-def simt_choice(spec: OpSpec, target: tvm.target.Target, note: str) -> ScheduleChoice:
-    """The CUDA SIMT template's default schedule, for any dtype: the tensor cores' fallback."""
-    from tvmgroup.schedules.cuda_simt import schedule_simt
-
-    def apply(sch: s_tir.Schedule) -> None:
-        schedule_simt(sch, spec.op, spec.layout, spec.bias, DefaultKnobs())
-
-    return ScheduleChoice("default", apply, fingerprint="default-simt", note=note)
-
-
 @dataclass
 class Kernel:
+    """A compiled op: ``main`` for row extents that are a multiple of ``row_tile``, ``tail``
+    for the rest (see the module docstring)."""
+
     spec: OpSpec
     choice: ScheduleChoice
     main: tvm.runtime.Module
     row_tile: int = 1
     tail: tvm.runtime.Module | None = None
+    target: tvm.target.Target | None = None
+
+    def __post_init__(self) -> None:
+        self._args = tuple(self.spec.op_def.arg_list(self.spec.bias))
 
     def __call__(self, *args: torch.Tensor) -> None:
-        """Runs the op on tensors already in kernel layout (see :func:`compute.prim_func`)."""
+        """Runs the op on tensors already in kernel layout (see :mod:`tvmgroup.opdefs`)."""
         if self.row_tile == 1:
             self.main(*args)
-        elif self.spec.layout == "conv":
+        elif self.spec.layout_def.rows_innermost:
             self._call_length(*args)
-        elif self.spec.op == "grad_weight":
-            self._call_weight_grad(*args)
         else:
             self._call_rows(*args)
 
     def _call_length(self, *args: torch.Tensor) -> None:
-        """conv layout: the tile applies to the length L (last dim), which no view can split.
+        """The tile applies to the innermost row axis (conv's length L), which no view can split.
 
-        Any other L runs on copies zero-padded to the next multiple (a copy of the row-indexed
-        tensors is cheap next to the predicated tail build, which is several times slower);
-        lengths below one tile run through the tail build.
+        Any other length runs on copies zero-padded to the next multiple (a copy of the
+        row-indexed tensors is cheap next to the predicated tail build, which is several
+        times slower; zero columns add nothing to sums over rows); lengths below one tile
+        run through the tail build.
         """
         length = args[0].shape[-1]
         pad = -length % self.row_tile
@@ -120,48 +94,48 @@ class Kernel:
         if length < self.row_tile:
             self.tail(*args)
             return
-        padded = lambda t: torch.nn.functional.pad(t, (0, pad))  # noqa: E731
-        if self.spec.op == "grad_weight":
-            dy, x, *outs = args
-            self.main(padded(dy), padded(x), *outs)  # zero columns add nothing to the sums
-            return
-        *inputs, out = args
-        inputs[0] = padded(inputs[0])
-        out_padded = out.new_empty((*out.shape[:-1], length + pad))
-        self.main(*inputs, out_padded)
-        out.copy_(out_padded[..., :length])
+        call, copies = [], []
+        for t, arg in zip(args, self._args):
+            if arg.role != "rows":
+                call.append(t)
+            elif not arg.output:
+                call.append(torch.nn.functional.pad(t, (0, pad)))
+            else:
+                padded = t.new_empty((*t.shape[:-1], length + pad))
+                call.append(padded)
+                copies.append((t, padded))
+        self.main(*call)
+        for t, padded in copies:
+            t.copy_(padded[..., :length])
 
-    def _split(self, rows: int) -> int:
-        return rows - rows % self.row_tile
-
-    def _call_rows(self, a: torch.Tensor, w: torch.Tensor, *rest: torch.Tensor) -> None:
-        # (x, weight[, bias], y) or (grad_y, weight, grad_x): row-indexed are the first and last.
-        rows = a.shape[0]
-        cut = self._split(rows)
-        consts, out = rest[:-1], rest[-1]
+    def _call_rows(self, *args: torch.Tensor) -> None:
+        """The tile applies to the leading row axis: ``main`` takes the largest multiple of it
+        and ``tail`` the rest, both on views; outputs summed over rows add the tail's part."""
+        rows = args[0].shape[0]
+        cut = rows - rows % self.row_tile
         if cut:
-            self.main(a[:cut], w, *consts, out[:cut])
-        if cut < rows:
-            self.tail(a[cut:], w, *consts, out[cut:])
-
-    def _call_weight_grad(self, dy: torch.Tensor, x: torch.Tensor, *outs: torch.Tensor) -> None:
-        rows = dy.shape[0]
-        cut = self._split(rows)
-        if cut == 0:
-            self.tail(dy, x, *outs)
+            self.main(*[t[:cut] if arg.role == "rows" else t for t, arg in zip(args, self._args)])
+        if cut == rows:
             return
-        self.main(dy[:cut], x[:cut], *outs)
-        if cut < rows:
-            partial = [torch.empty_like(o) for o in outs]
-            self.tail(dy[cut:], x[cut:], *partial)
-            for o, p in zip(outs, partial):
-                o.add_(p)
+        call, partials = [], []
+        for t, arg in zip(args, self._args):
+            if arg.role == "rows":
+                call.append(t[cut:])
+            elif arg.summed_over_rows and cut:
+                part = torch.empty_like(t)
+                call.append(part)
+                partials.append((t, part))
+            else:
+                call.append(t)
+        self.tail(*call)
+        for t, part in partials:
+            t.add_(part)
 
 
 def _compile(spec: OpSpec, target: tvm.target.Target, apply: ScheduleFn) -> tuple[tvm.runtime.Module, int]:
     sch = s_tir.Schedule(ir_module(spec))
     apply(sch)
-    return tvm.compile(sch.mod, target=target), row_tile_of(sch.mod, spec.op, spec.layout)
+    return tvm.compile(sch.mod, target=target), row_tile_of(sch.mod)
 
 
 def build_kernel(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice) -> Kernel:
@@ -169,11 +143,11 @@ def build_kernel(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice
     main, row_tile = _compile(spec, target, choice.apply)
     tail = None
     if row_tile > 1:
-        template = template_for(target.kind.name)
+        template = family_of(target).template()
         tail, _ = _compile(
             spec, target, lambda sch: template(sch, spec.op, spec.layout, spec.bias, DefaultKnobs(), tail=True)
         )
-    return Kernel(spec, choice, main, row_tile, tail)
+    return Kernel(spec, choice, main, row_tile, tail, target)
 
 
 class KernelCache:
@@ -212,7 +186,7 @@ class KernelCache:
         stem = self._paths(spec, target, choice, target_text)
         stem.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(stem) + ".lock"):
-            kernel = self._load(spec, choice, stem)
+            kernel = self._load(spec, target, choice, stem)
             if kernel is not None:
                 return kernel
             kernel = build_kernel(spec, target, choice)
@@ -220,7 +194,7 @@ class KernelCache:
             return kernel
 
     @staticmethod
-    def _load(spec: OpSpec, choice: ScheduleChoice, stem: Path) -> Kernel | None:
+    def _load(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, stem: Path) -> Kernel | None:
         meta_path = stem.with_suffix(".json")
         if not meta_path.exists():
             return None
@@ -228,7 +202,7 @@ class KernelCache:
             meta = json.loads(meta_path.read_text())
             main = tvm.runtime.load_module(str(stem) + "-main.so")
             tail = tvm.runtime.load_module(str(stem) + "-tail.so") if meta["row_tile"] > 1 else None
-            return Kernel(spec, choice, main, int(meta["row_tile"]), tail)
+            return Kernel(spec, choice, main, int(meta["row_tile"]), tail, target)
         except Exception as err:  # a corrupt or foreign file: rebuild it
             log.warning("tvmgroup: ignoring unusable cached kernel %s (%s); rebuilding", stem, err)
             return None

@@ -16,12 +16,14 @@ import warnings
 
 import tvm
 
+from tvmgroup.check import check_kernel
+from tvmgroup.choice import ScheduleChoice, default_choice, simt_choice
 from tvmgroup.compute import OpSpec
-from tvmgroup.kernel import KERNELS, Kernel, ScheduleChoice, default_choice, simt_choice
-from tvmgroup.schedules.cuda_tensorcore import DTYPES as TENSOR_CORE_DTYPES
+from tvmgroup.kernel import KERNELS, Kernel
+from tvmgroup.logs import LogError, TuningLog, find_logs
 from tvmgroup.paths import shipped_logs_dir, user_logs_dir
-from tvmgroup.target import is_cuda, target_json, target_key
-from tvmgroup.tuning.logs import LogError, TuningLog, find_logs
+from tvmgroup.replay import choice_from_log
+from tvmgroup.target import family_of, target_for_device, target_json, target_key
 
 
 class UntunedShapeWarning(UserWarning):
@@ -54,22 +56,23 @@ def _warn_once(key: str, message: str, category: type[Warning]) -> None:
     warnings.warn(message, category, stacklevel=4)
 
 
-def _family(key: str) -> str:
-    return key.split("-", 1)[0]
-
-
-def _candidates(root, spec: OpSpec, key: str) -> list[TuningLog]:
-    """Template-space logs of ``spec``: this target key first, then the same CPU family."""
+def _candidates(root, spec: OpSpec, target: tvm.target.Target) -> list[TuningLog]:
+    """Template-space logs of ``spec``: this target key first, then others of its family
+    where the family allows (another CPU's log still beats no log)."""
+    key, family = target_key(target), family_of(target)
     logs = [log for log in find_logs(root, spec_key=spec.key) if log.space == "template"]
     exact = [log for log in logs if log.target_key == key]
-    family = [log for log in logs if log.target_key != key and _family(key) == "llvm" and _family(log.target_key) == "llvm"]
+    others = [
+        log for log in logs
+        if family.logs_cross_targets and log.target_key != key and log.target_key.startswith(f"{family.kind}-")
+    ]
     order = lambda log: (-log.trials, -log.rows)  # noqa: E731  most trials, then the largest N
-    return sorted(exact, key=order) + sorted(family, key=order)
+    return sorted(exact, key=order) + sorted(others, key=order)
 
 
 def tune_command(spec: OpSpec, target: tvm.target.Target) -> str:
     """The ``tvmgroup tune`` command that would tune ``spec`` for ``target``."""
-    tgt = "llvm" if target.kind.name == "llvm" else f"cuda:{target.attrs.get('arch', '')}"
+    tgt = family_of(target).cli_word(target)
     words = [
         "tvmgroup tune", f"--ops {spec.op}", f"--groups {spec.groups}", f"--in-features {spec.in_features}",
         f"--out-features {spec.out_features}", f"--dtype {spec.dtype}", f"--layout {spec.layout}",
@@ -81,11 +84,9 @@ def tune_command(spec: OpSpec, target: tvm.target.Target) -> str:
 
 
 def _resolve(spec: OpSpec, target: tvm.target.Target) -> ScheduleChoice:
-    from tvmgroup.tuning.replay import choice_from_log
-
     key = target_key(target)
     for origin, root in (("user", user_logs_dir()), ("shipped", shipped_logs_dir())):
-        for log in _candidates(root, spec, key):
+        for log in _candidates(root, spec, target):
             if str(log.path) in _rejected:
                 continue
             try:
@@ -128,8 +129,6 @@ def resolve(spec: OpSpec, target: tvm.target.Target) -> ScheduleChoice:
 
 def kernel_for(spec: OpSpec, target: tvm.target.Target) -> Kernel:
     """The compiled kernel for ``spec``; a tuned one is checked against float64 on first use."""
-    from tvmgroup.tuning.replay import check_kernel
-
     while True:
         choice = resolve(spec, target)
         if choice.origin == "default":
@@ -138,7 +137,7 @@ def kernel_for(spec: OpSpec, target: tvm.target.Target) -> Kernel:
             return KERNELS.get(spec, target, choice)
         try:
             kernel = KERNELS.get(spec, target, choice)
-            check_kernel(kernel, device="cuda" if is_cuda(target) else "cpu")
+            check_kernel(kernel)
         except Exception as err:  # a schedule that fails to build or to compute: never fatal
             with _lock:
                 _rejected.add(choice.fingerprint)
@@ -152,21 +151,19 @@ def kernel_for(spec: OpSpec, target: tvm.target.Target) -> Kernel:
 
 
 def _default_kernel(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice) -> Kernel:
-    """The default kernel; a tensor-core one is checked against float64 on first use.
+    """The default kernel; where the family says so (tensor cores), checked on first use.
 
     Tensor-core kernels are the one default whose code path (wmma intrinsics, padding) has
     no CPU counterpart for the tests to cover, so a failure falls back to the SIMT template.
     """
-    from tvmgroup.tuning.replay import check_kernel
-
     check_key = (spec, target_json(target), choice.fingerprint)
-    if not (is_cuda(target) and choice.fingerprint == "default" and spec.dtype in TENSOR_CORE_DTYPES):
+    if not (choice.fingerprint == "default" and spec.dtype in family_of(target).checked_default_dtypes):
         return KERNELS.get(spec, target, choice)
     if check_key in _checked:
         return KERNELS.get(spec, target, choice)
     try:
         kernel = KERNELS.get(spec, target, choice)
-        check_kernel(kernel, device="cuda")
+        check_kernel(kernel)
     except Exception as err:
         _warn_once(
             f"tensorcore:{spec.key}",
@@ -194,8 +191,6 @@ def schedule_info(
     bias: bool = True,
 ) -> dict:
     """Which schedule would serve this op: ``origin``, ``log``, ``tuned_rows``, ``target_key``."""
-    from tvmgroup.target import target_for_device
-
     spec = OpSpec(op, groups, in_features, out_features, dtype, layout, bias)
     target = target_for_device(device)
     choice = resolve(spec, target)

@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import tvm_ffi
 from torch import Tensor
 
 from tvmgroup.compute import OpSpec
+from tvmgroup.layouts import layout_of
 from tvmgroup.lookup import kernel_for
-from tvmgroup.target import target_for_device
+from tvmgroup.target import family_for_device
 from tvmgroup.validation import check_input
 
 
@@ -26,27 +26,13 @@ def _spec(op: str, weight: Tensor, layout: str, bias: bool) -> OpSpec:
     return OpSpec(op, groups, in_features, out_features, str(weight.dtype).removeprefix("torch."), layout, bias)
 
 
-def _rows_view(t: Tensor, groups: int, features: int, layout: str) -> Tensor:
-    """The user's tensor as the kernel sees it: (N, G, F) or (B, G, F, L)."""
-    t = t.contiguous()
-    if layout == "last":
-        return t.view(-1, groups, features)
-    return t.view(t.shape[0], groups, features, t.shape[2])
-
-
-def _out_shape(x: Tensor, groups: int, features: int, layout: str) -> list[int]:
-    if layout == "last":
-        return [*x.shape[:-1], groups * features]
-    return [x.shape[0], groups * features, x.shape[2]]
-
-
 def _run(op: str, weight: Tensor, layout: str, bias: bool, device: torch.device, *args: Tensor) -> None:
-    kernel = kernel_for(_spec(op, weight, layout, bias), target_for_device(device))
-    if device.type == "cuda":
-        # Launch on torch's current stream of the tensors' device, as a built-in op would.
-        with torch.cuda.device(device), tvm_ffi.use_torch_stream():
-            kernel(*args)
-    else:
+    family = family_for_device(device.type)
+    kernel = kernel_for(_spec(op, weight, layout, bias), family.make_target(None))
+    if family.launch is None:
+        kernel(*args)
+        return
+    with family.launch(device):  # e.g. torch's current CUDA stream
         kernel(*args)
 
 
@@ -58,14 +44,15 @@ def _run(op: str, weight: Tensor, layout: str, bias: bool, device: torch.device,
 def grouped_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str) -> Tensor:
     """y = x @ weight[g].T + bias[g] per group, in the user's layout ("last" or "conv")."""
     check_input(x, weight, bias, layout)
+    lay = layout_of(layout)
     groups, out_features, in_features = weight.shape
-    y = x.new_empty(_out_shape(x, groups, out_features, layout))
+    y = x.new_empty(lay.out_shape(x, groups, out_features))
     if x.numel() == 0:
         return y
-    args = [_rows_view(x, groups, in_features, layout), weight.contiguous()]
+    args = [lay.kernel_view(x, groups, in_features), weight.contiguous()]
     if bias is not None:
         args.append(bias.contiguous())
-    args.append(_rows_view(y, groups, out_features, layout))
+    args.append(lay.kernel_view(y, groups, out_features))
     _run("forward", weight, layout, bias is not None, x.device, *args)
     return y
 
@@ -73,7 +60,7 @@ def grouped_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout:
 @grouped_linear_op.register_fake
 def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str) -> Tensor:
     check_input(x, weight, bias, layout)
-    return x.new_empty(_out_shape(x, weight.shape[0], weight.shape[1], layout))
+    return x.new_empty(layout_of(layout).out_shape(x, weight.shape[0], weight.shape[1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,30 +69,32 @@ def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str) -> Tensor:
 
 @torch.library.custom_op("tvmgroup::grouped_linear_grad_input", mutates_args=())
 def grad_input_op(grad_y: Tensor, weight: Tensor, layout: str) -> Tensor:
+    lay = layout_of(layout)
     groups, out_features, in_features = weight.shape
-    grad_x = grad_y.new_empty(_out_shape(grad_y, groups, in_features, layout))
+    grad_x = grad_y.new_empty(lay.out_shape(grad_y, groups, in_features))
     if grad_y.numel() == 0:
         return grad_x
-    dy = _rows_view(grad_y, groups, out_features, layout)
-    dx = _rows_view(grad_x, groups, in_features, layout)
+    dy = lay.kernel_view(grad_y, groups, out_features)
+    dx = lay.kernel_view(grad_x, groups, in_features)
     _run("grad_input", weight, layout, False, grad_y.device, dy, weight.contiguous(), dx)
     return grad_x
 
 
 @grad_input_op.register_fake
 def _(grad_y: Tensor, weight: Tensor, layout: str) -> Tensor:
-    return grad_y.new_empty(_out_shape(grad_y, weight.shape[0], weight.shape[2], layout))
+    return grad_y.new_empty(layout_of(layout).out_shape(grad_y, weight.shape[0], weight.shape[2]))
 
 
 @torch.library.custom_op("tvmgroup::grouped_linear_grad_weight", mutates_args=())
 def grad_weight_op(grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str) -> tuple[Tensor, Tensor]:
     """Returns (grad_weight, grad_bias); grad_bias is empty when ``with_bias`` is False."""
+    lay = layout_of(layout)
     groups, out_features, in_features = weight.shape
     grad_w = weight.new_empty(weight.shape)
     grad_b = weight.new_empty((groups, out_features) if with_bias else (0,))
     if grad_y.numel() == 0:
         return grad_w.zero_(), grad_b.zero_()
-    args = [_rows_view(grad_y, groups, out_features, layout), _rows_view(x, groups, in_features, layout), grad_w]
+    args = [lay.kernel_view(grad_y, groups, out_features), lay.kernel_view(x, groups, in_features), grad_w]
     if with_bias:
         args.append(grad_b)
     _run("grad_weight", weight, layout, with_bias, x.device, *args)

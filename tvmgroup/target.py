@@ -1,18 +1,30 @@
-"""TVM targets for the devices a torch tensor can live on, and their short keys.
+"""Target families: the kinds of device tvmgroup compiles for, one registry entry each.
 
-A target key (``llvm-rocketlake``, ``cuda-sm_90``) names what a kernel or a tuning log was
-made for; it is part of every cache and log path.
+A :class:`TargetFamily` holds everything that differs between, say, CPUs and NVIDIA GPUs:
+the torch device type and dtypes it serves, how to make its TVM target and the short key
+that names it (``llvm-rocketlake``, ``cuda-sm_90``: part of every cache and log path), its
+schedule template, how a kernel launches (streams), the row multiple tuning needs, and
+whether logs of another target of the family may serve. The run-time, the tuner and the
+CLI ask the family instead of testing the target kind. A new family is one entry in
+:data:`FAMILIES` plus a template in ``schedules/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
+from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 import torch
 import tvm
+
+from tvmgroup.schedules.cpu import ROW_MULTIPLE as CPU_ROW_MULTIPLE
+from tvmgroup.schedules.cuda_tensorcore import DTYPES as TENSOR_CORE_DTYPES
+from tvmgroup.schedules.cuda_tensorcore import ROWS_PAD as TENSOR_CORE_ROWS
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,13 +49,87 @@ def cuda_target(arch: str | None = None) -> tvm.target.Target:
     return tvm.target.Target({"kind": "cuda", "arch": arch})
 
 
+def _cpu_target_for(variant: str | None) -> tvm.target.Target:
+    if variant:
+        raise ValueError(f"the CPU target takes no variant, got {variant!r}; say 'llvm' or 'cpu'")
+    return cpu_target()
+
+
+def _cuda_stream(device: torch.device) -> ContextManager:
+    """Launches on torch's current stream of ``device``, as a built-in op would."""
+    import tvm_ffi
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.cuda.device(device))
+    stack.enter_context(tvm_ffi.use_torch_stream())
+    return stack
+
+
+@dataclass(frozen=True)
+class TargetFamily:
+    """One kind of device: its targets, dtypes, template and launch context."""
+
+    kind: str  # TVM target kind
+    words: tuple[str, ...]  # CLI words for it ('llvm', 'cpu'); '<word>:<variant>' picks a variant
+    device_type: str  # torch device type its kernels run on
+    dtypes: tuple[torch.dtype, ...]  # storage dtypes (sums are float32)
+    make_target: Callable[[str | None], tvm.target.Target]  # for this machine, or a named variant
+    key_attr: str  # target attribute that tells two targets of the family apart in keys
+    row_multiple: int  # tuning row counts are a multiple of this (exact tiles)
+    logs_cross_targets: bool  # a log of another target of the family may serve (with a note)
+    launch: Callable[[torch.device], ContextManager] | None = None  # context for a kernel call
+    multi_core: bool = False  # the target has a "num-cores" attribute (parallel builds/measures)
+    postprocs: tuple[str, ...] = ()  # MetaSchedule postprocessors (by name) a tuned candidate passes
+    checked_default_dtypes: tuple[str, ...] = ()  # dtypes whose default kernel is checked on first use
+
+    def key(self, target: tvm.target.Target) -> str:
+        return f"{self.kind}-{target.attrs.get(self.key_attr, 'generic')}"
+
+    def template(self) -> Callable[..., None]:
+        from tvmgroup.schedules import template_for
+
+        return template_for(self.kind)
+
+    def cli_word(self, target: tvm.target.Target) -> str:
+        """The ``--target`` word that makes ``target``."""
+        if self.key_attr == "mcpu":
+            return self.words[0]
+        return f"{self.words[0]}:{target.attrs.get(self.key_attr, '')}"
+
+
+FAMILIES: dict[str, TargetFamily] = {
+    "llvm": TargetFamily(
+        "llvm", ("llvm", "cpu"), "cpu", (torch.float32,), _cpu_target_for, "mcpu",
+        row_multiple=CPU_ROW_MULTIPLE, logs_cross_targets=True, multi_core=True,
+    ),
+    "cuda": TargetFamily(
+        "cuda", ("cuda",), "cuda", (torch.float32, torch.float16, torch.bfloat16), cuda_target, "arch",
+        row_multiple=TENSOR_CORE_ROWS, logs_cross_targets=False, launch=_cuda_stream,
+        postprocs=("VerifyGPUCode",),
+        # Tensor-core kernels: their code path (wmma, padding) has no CPU counterpart to test.
+        checked_default_dtypes=TENSOR_CORE_DTYPES,
+    ),
+}
+_BY_DEVICE = {f.device_type: f for f in FAMILIES.values()}
+
+
+def family_of(target: tvm.target.Target) -> TargetFamily:
+    try:
+        return FAMILIES[target.kind.name]
+    except KeyError:
+        raise ValueError(f"tvmgroup has no target family {target.kind.name!r}; have {sorted(FAMILIES)}") from None
+
+
+def family_for_device(device_type: str) -> TargetFamily:
+    try:
+        return _BY_DEVICE[device_type]
+    except KeyError:
+        names = " or ".join(repr(d) for d in _BY_DEVICE)
+        raise ValueError(f"tvmgroup runs on {names} tensors, got a tensor on {device_type!r}") from None
+
+
 def target_for_device(device: torch.device | str) -> tvm.target.Target:
-    device = torch.device(device)
-    if device.type == "cpu":
-        return cpu_target()
-    if device.type == "cuda":
-        return cuda_target()
-    raise ValueError(f"tvmgroup runs on 'cpu' or 'cuda' tensors, got a tensor on {device.type!r}")
+    return family_for_device(torch.device(device).type).make_target(None)
 
 
 def parse_target(spec: str | dict | tvm.target.Target) -> tvm.target.Target:
@@ -52,13 +138,10 @@ def parse_target(spec: str | dict | tvm.target.Target) -> tvm.target.Target:
         return spec
     if isinstance(spec, dict):
         return tvm.target.Target(spec)
-    word = spec.strip()
-    if word in ("llvm", "cpu"):
-        return cpu_target()
-    if word == "cuda":
-        return cuda_target()
-    if word.startswith("cuda:"):
-        return cuda_target(word.split(":", 1)[1])
+    word, _, variant = spec.strip().partition(":")
+    for family in FAMILIES.values():
+        if word in family.words and (variant or ":" not in spec):
+            return family.make_target(variant or None)
     raise ValueError(f"target must be 'llvm', 'cuda' or 'cuda:sm_XX', got {spec!r}")
 
 
@@ -69,13 +152,9 @@ def target_json(target: tvm.target.Target) -> str:
 
 
 def target_key(target: tvm.target.Target) -> str:
-    """``llvm-<mcpu>`` or ``cuda-<arch>``: the family a kernel or log belongs to."""
-    kind = target.kind.name
-    if kind == "llvm":
-        return f"llvm-{target.attrs.get('mcpu', 'generic')}"
-    if kind == "cuda":
-        return f"cuda-{target.attrs.get('arch', 'unknown')}"
-    return kind
+    """``llvm-<mcpu>`` or ``cuda-<arch>``: the family member a kernel or log belongs to."""
+    family = FAMILIES.get(target.kind.name)
+    return family.key(target) if family is not None else target.kind.name
 
 
 def is_cuda(target: tvm.target.Target) -> bool:

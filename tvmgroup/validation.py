@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from tvmgroup.compute import LAYOUTS
-
-SUPPORTED_DTYPES = {
-    "cpu": (torch.float32,),
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),  # half types accumulate in float32
-}
+from tvmgroup.layouts import layout_of
+from tvmgroup.target import family_for_device
 
 
 def check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    layout_of(layout)
 
 
 def check_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
@@ -41,30 +36,11 @@ def check_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, 
 
 def check_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str) -> None:
     """Validates a forward call; raises ValueError/TypeError naming expected vs got."""
-    check_layout(layout)
+    lay = layout_of(layout)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     groups, in_features, _ = check_weight(weight, bias)
-    features = groups * in_features
-    if layout == "last":
-        if x.dim() < 1:
-            raise ValueError("x must have at least 1 dim (..., groups*in_features), got a 0-dim tensor")
-        if x.shape[-1] != features:
-            raise ValueError(
-                f"x's last dim must be groups*in_features = {groups}*{in_features} = {features}, "
-                f"got x of shape {tuple(x.shape)}"
-            )
-    else:
-        if x.dim() != 3:
-            raise ValueError(
-                f"layout='conv' expects x of shape (batch, groups*in_features, length), "
-                f"got {x.dim()} dims: {tuple(x.shape)}"
-            )
-        if x.shape[1] != features:
-            raise ValueError(
-                f"x's dim 1 must be groups*in_features = {groups}*{in_features} = {features}, "
-                f"got x of shape {tuple(x.shape)}"
-            )
+    lay.check_input(x, groups, in_features)
     tensors = {"x": x, "weight": weight} | ({"bias": bias} if bias is not None else {})
     for name, t in tensors.items():
         if t.device != x.device:
@@ -75,9 +51,9 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def check_dtype(x: torch.Tensor) -> None:
-    supported = SUPPORTED_DTYPES.get(x.device.type)
-    if supported is None:
-        raise ValueError(f"tvmgroup runs on 'cpu' or 'cuda' tensors, got a tensor on {x.device.type!r}")
+    # Storage dtypes of the device's target family (half types sum in float32); a device no
+    # family serves raises a ValueError naming the ones that are.
+    supported = family_for_device(x.device.type).dtypes
     if x.dtype not in supported:
         names = ", ".join(str(d) for d in supported)
         raise TypeError(

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tvmgroup.bench.shapes import Shape
-
-LAYOUTS = ("last", "conv")
+from tvmgroup.layouts import LAYOUTS
+from tvmgroup.opdefs import reference_pass
 
 # The dense block-diagonal weight has (G*O) * (G*K) elements; past this it is not built.
 MAX_DENSE_ELEMENTS = 1 << 26
@@ -273,18 +273,8 @@ def from_layout(y: Tensor, layout: str) -> Tensor:
 
 
 def reference(x: Tensor, weight: Tensor, bias: Tensor, grad_y: Tensor) -> dict[str, Tensor]:
-    """y, grad_x, grad_weight, grad_bias in float64, written out without autograd."""
-    n = x.shape[0]
-    groups, out_features, in_features = weight.shape
-    x64 = x.double().view(n, groups, in_features)
-    w64 = weight.double()
-    gy64 = grad_y.double().view(n, groups, out_features)
-    return {
-        "y": (torch.einsum("ngk,gok->ngo", x64, w64) + bias.double()).reshape(n, -1),
-        "grad_x": torch.einsum("ngo,gok->ngk", gy64, w64).reshape(n, -1),
-        "grad_weight": torch.einsum("ngo,ngk->gok", gy64, x64),
-        "grad_bias": gy64.sum(0),
-    }
+    """y, grad_x, grad_weight, grad_bias of (N, F) tensors in float64, from the ops' references."""
+    return reference_pass(LAYOUTS["last"], x, weight, bias, grad_y)
 
 
 def run_once(inst: Instance, layout: str, x: Tensor, grad_y: Tensor) -> dict[str, Tensor]:

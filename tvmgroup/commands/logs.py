@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tvmgroup.paths import shipped_logs_dir, user_logs_dir
     from tvmgroup.target import parse_target, target_key
-    from tvmgroup.tuning.logs import find_logs, read_records, mean_secs
+    from tvmgroup.logs import find_logs, read_records, mean_secs
 
     key = None if args.all else target_key(parse_target(args.target))
     rows = []

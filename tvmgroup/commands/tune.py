@@ -52,13 +52,14 @@ def run(args: argparse.Namespace) -> int:
     from tvmgroup import lookup
     from tvmgroup.compute import OpSpec
     from tvmgroup.paths import user_logs_dir
-    from tvmgroup.target import parse_target, target_key
+    from tvmgroup.target import family_of, parse_target, target_key
     from tvmgroup.tuning.tune import TuneRequest, tune_op, tuning_rows
 
     target = parse_target(args.target)
-    rows = tuning_rows(args.rows)
+    rows = tuning_rows(args.rows, target)
     if rows != args.rows:
-        print(f"tvmgroup tune: --rows {args.rows} rounded up to {rows} (tuning needs a multiple of 256)", file=sys.stderr)
+        multiple = family_of(target).row_multiple
+        print(f"tvmgroup tune: --rows {args.rows} rounded up to {rows} (tuning needs a multiple of {multiple})", file=sys.stderr)
     root = args.output if args.output is not None else user_logs_dir()
     keep = args.keep if args.keep is not None else (8 if args.output is not None else None)
     print(f"tuning for {target_key(target)} at {rows} rows, {args.trials} trials per op, {args.space} space -> {root}")

@@ -13,20 +13,20 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 
 from tvmgroup.compute import OpSpec
-from tvmgroup.schedules import SampledKnobs, template_for
+from tvmgroup.schedules import SampledKnobs
+from tvmgroup.target import family_of
 
 SPACES: tuple[str, ...] = ("template", "generic")
 
 
 def _postprocs(target: tvm.target.Target) -> list:
-    """The template emits final schedules; only GPU code needs a resource check."""
-    if target.kind.name == "cuda":
-        return [ms.postproc.VerifyGPUCode()]
-    return []
+    """The template emits final schedules; the family names the checks they still need
+    (GPU code: a resource check)."""
+    return [getattr(ms.postproc, name)() for name in family_of(target).postprocs]
 
 
 def template_space(spec: OpSpec, target: tvm.target.Target) -> ms.space_generator.ScheduleFn:
-    template = template_for(target.kind.name)
+    template = family_of(target).template()
 
     def apply(sch: tvm.s_tir.Schedule) -> None:
         template(sch, spec.op, spec.layout, spec.bias, SampledKnobs())

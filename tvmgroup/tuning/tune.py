@@ -28,10 +28,9 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from tvmgroup.compute import OpSpec, ir_module
-from tvmgroup.schedules import DefaultTraceKnobs, template_for
-from tvmgroup.schedules.cpu import ROW_MULTIPLE
-from tvmgroup.target import is_cuda, target_key
-from tvmgroup.tuning.logs import (
+from tvmgroup.schedules import DefaultTraceKnobs
+from tvmgroup.target import family_of, target_key
+from tvmgroup.logs import (
     FORMAT, RECORDS, WORKLOADS, count_records, log_dir, mean_secs, prune, read_meta, read_records, write_meta,
 )
 from tvmgroup.tuning.space import make_space
@@ -42,18 +41,19 @@ BUILD_TIMEOUT_S = 120.0  # generous: compile jobs share the cores with the measu
 RUN_TIMEOUT_S = 30.0
 
 
-def tuning_rows(rows: int) -> int:
-    """``rows`` rounded up to a multiple of ``ROW_MULTIPLE`` (the template needs exact tiles)."""
+def tuning_rows(rows: int, target: tvm.target.Target) -> int:
+    """``rows`` rounded up to the family's row multiple (the template needs exact tiles)."""
     if rows < 1:
         raise ValueError(f"rows must be a positive int, got {rows!r}")
-    return -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
+    multiple = family_of(target).row_multiple
+    return -(-rows // multiple) * multiple
 
 
 @dataclass(frozen=True)
 class TuneRequest:
     spec: OpSpec
     target: tvm.target.Target
-    rows: int  # already a multiple of ROW_MULTIPLE
+    rows: int  # already a multiple of the target family's row multiple
     trials: int
     root: Path
     space: str = "template"
@@ -100,7 +100,8 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
 
 
 def _check_device(target: tvm.target.Target) -> None:
-    if is_cuda(target) and not torch.cuda.is_available():
+    family = family_of(target)
+    if family.device_type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             "tuning for CUDA measures every candidate on a GPU, and no CUDA device is visible "
             "(torch.cuda.is_available() is False); run `tvmgroup tune --target cuda` on a machine with one"
@@ -165,15 +166,15 @@ def _measure_default(req: TuneRequest, database, builder, runner) -> int:
     """
     mod = ir_module(req.spec, req.rows)
     sch = s_tir.Schedule(mod)
-    template_for(req.target.kind.name)(sch, req.spec.op, req.spec.layout, req.spec.bias, DefaultTraceKnobs())
+    family = family_of(req.target)
+    family.template()(sch, req.spec.op, req.spec.layout, req.spec.bias, DefaultTraceKnobs())
     args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
     (built,) = builder.build([ms.builder.BuilderInput(sch.mod, req.target)])
     if built.error_msg:
         log.warning("the default schedule of %s failed to build: %s", req.spec.key, built.error_msg)
         return 0
     try:
-        device = "cuda" if is_cuda(req.target) else "cpu"
-        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, family.device_type, args_info)])
         result = future.result()
     finally:
         shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
@@ -189,8 +190,9 @@ def _measure_default(req: TuneRequest, database, builder, runner) -> int:
 
 def tune_op(req: TuneRequest, *, progress: bool = True) -> TuneResult:
     """Tunes ``req.spec`` until its log holds ``req.trials`` trials (resuming one if present)."""
-    if req.rows % ROW_MULTIPLE:
-        raise ValueError(f"tuning rows must be a multiple of {ROW_MULTIPLE}, got {req.rows}")
+    family = family_of(req.target)
+    if req.rows % family.row_multiple:
+        raise ValueError(f"tuning rows for {family.kind} must be a multiple of {family.row_multiple}, got {req.rows}")
     if req.trials < 1:
         raise ValueError(f"trials must be >= 1, got {req.trials}")
     if req.trials_per_iter < 1:
@@ -211,47 +213,54 @@ def tune_op(req: TuneRequest, *, progress: bool = True) -> TuneResult:
     meta = log_meta(req, done)
     write_meta(path, meta)
     database = ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS), allow_missing=True)
-    cores = int(req.target.attrs.get("num-cores", 1) or 1) if not is_cuda(req.target) else 1
+    cores = int(req.target.attrs.get("num-cores", 1) or 1) if family.multi_core else 1
     builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=BUILD_TIMEOUT_S)
     runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
-    if req.space == "template" and done == 0:
-        # The default schedule is the search's first trial: the log's best is never slower than
-        # the default (up to noise), and the search evolves from it.
-        done += _measure_default(req, database, builder, runner)
-        meta["trials"] = done
-        write_meta(path, meta)
-        remaining = req.trials - done
-        if remaining <= 0:
-            return _finish(req, path, before)
-    best = _best_seconds(path)
     bar = tqdm(total=req.trials, initial=done, desc=req.spec.key, unit="trial", disable=not progress, dynamic_ncols=True)
-    callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_Progress(bar, path, meta, best)]
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    # Installed before the first measurement: Ctrl-C at any point leaves a loadable log.
     restore = _exit_on_interrupt(req, path, bar)
     try:
-        with tempfile.TemporaryDirectory(prefix="tvmgroup-tune-") as work:
-            ms.tune_tir(
-                ir_module(req.spec, req.rows),
-                req.target,
-                work,
-                max_trials_global=remaining,
-                num_trials_per_iter=min(req.trials_per_iter, remaining),
-                space=make_space(req.space, req.spec, req.target),
-                strategy=ms.search_strategy.EvolutionarySearch(),
-                cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
-                database=database,
-                builder=builder,
-                runner=runner,
-                measure_callbacks=callbacks,
-                num_tuning_cores=cores,
-                seed=req.seed,
-            )
+        if req.space == "template" and done == 0:
+            # The default schedule is the search's first trial: the log's best is never slower
+            # than the default (up to noise), and the search evolves from it.
+            added = _measure_default(req, database, builder, runner)
+            done += added
+            bar.update(added)
+            meta["trials"] = done
+            write_meta(path, meta)
+            remaining = req.trials - done
+        if remaining > 0:
+            _search(req, remaining, database, builder, runner, cores, bar=bar, meta=meta)
     finally:
         restore()
         bar.close()
         if req.keep is not None:
             prune(path, req.keep)
     return _finish(req, path, before)
+
+
+def _search(req: TuneRequest, remaining: int, database, builder, runner, cores: int, *, bar: tqdm, meta: dict) -> None:
+    """MetaSchedule's evolutionary search for ``remaining`` more trials, into ``database``."""
+    callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
+    callbacks.append(_Progress(bar, req.path, meta, _best_seconds(req.path)))
+    with tempfile.TemporaryDirectory(prefix="tvmgroup-tune-") as work:
+        ms.tune_tir(
+            ir_module(req.spec, req.rows),
+            req.target,
+            work,
+            max_trials_global=remaining,
+            num_trials_per_iter=min(req.trials_per_iter, remaining),
+            space=make_space(req.space, req.spec, req.target),
+            strategy=ms.search_strategy.EvolutionarySearch(),
+            cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
+            database=database,
+            builder=builder,
+            runner=runner,
+            measure_callbacks=callbacks,
+            num_tuning_cores=cores,
+            seed=req.seed,
+        )
 
 
 def _finish(req: TuneRequest, path: Path, before: int) -> TuneResult:

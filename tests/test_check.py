@@ -1,0 +1,66 @@
+"""The first-use check: operands on the target family's device, wrong kernels caught."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tvmgroup import check, target
+from tvmgroup.choice import ScheduleChoice
+from tvmgroup.compute import OPS, OpSpec
+from tvmgroup.logs import LogError
+from tvmgroup.target import cpu_target, cuda_target
+
+
+class _Recorder:
+    """A stand-in kernel that records where its operands live, then stops the check."""
+
+    def __init__(self, spec: OpSpec, tgt) -> None:
+        self.spec, self.target, self.row_tile = spec, tgt, 4
+        self.choice = ScheduleChoice("user", lambda sch: None, "fp", log="some-log")
+        self.devices: list[str] = []
+
+    def __call__(self, *args: torch.Tensor) -> None:
+        self.devices = [t.device.type for t in args]
+        raise RuntimeError("stop")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_operands_are_made_on_the_families_device(op, monkeypatch):
+    """A non-CPU family gets its operands on its own device (a fake one here: 'meta')."""
+    fake = dataclasses.replace(target.FAMILIES["cuda"], device_type="meta")
+    monkeypatch.setitem(target.FAMILIES, "cuda", fake)
+    kernel = _Recorder(OpSpec(op, 2, 8, 4), cuda_target("sm_90"))
+    with pytest.raises(RuntimeError, match="stop"):
+        check.check_kernel(kernel)
+    assert kernel.devices and set(kernel.devices) == {"meta"}
+
+
+def test_cpu_operands_stay_on_the_cpu():
+    kernel = _Recorder(OpSpec("forward", 2, 8, 4), cpu_target())
+    with pytest.raises(RuntimeError, match="stop"):
+        check.check_kernel(kernel)
+    assert set(kernel.devices) == {"cpu"}
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["last", "conv"])
+def test_a_right_kernel_passes_and_a_wrong_one_fails(op, layout):
+    """The check's reference run through the real kernel passes; one wrong element fails."""
+    from tvmgroup.lookup import kernel_for
+
+    spec = OpSpec(op, 2, 8, 4, layout=layout)
+    kernel = kernel_for(spec, cpu_target())
+    check.check_kernel(kernel, seed=1)
+
+    class OffByOne:
+        spec, row_tile, choice, target = kernel.spec, kernel.row_tile, kernel.choice, kernel.target
+
+        def __call__(self, *args):
+            kernel(*args)
+            args[-1].view(-1)[0] += 1.0
+
+    with pytest.raises(LogError, match="wrong results"):
+        check.check_kernel(OffByOne(), seed=1)

@@ -1,0 +1,189 @@
+"""Layouts: how a user's tensors map to the (rows, groups, features) axes of the op.
+
+Every op is a per-group contraction over "rows" (all the batch-like axes) and "features".
+A :class:`Layout` says where those axes sit in the user's tensors and in the kernel's view of
+them, on both sides of the code:
+
+* TE (``row_dims``, ``shape``, ``index``, ``split``): the compute definitions in
+  :mod:`tvmgroup.opdefs` are written once against these and serve every layout.
+* torch (``check_input``, ``kernel_view``, ``out_shape``, ``einsum``, ``random``): the custom
+  ops, the float64 references and the first-use checks.
+
+``rows_innermost`` tells schedules and kernels which axis is contiguous: the features
+(``"last"``) or a row axis (``"conv"``'s length L). A new layout is one subclass registered
+in :data:`LAYOUTS`, plus what its schedules need.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tvm import te
+
+
+class Layout:
+    """One way of laying out the row-indexed tensors (x, y and their gradients)."""
+
+    name: str
+    rows_innermost: bool  # the contiguous axis is a row axis (else the features)
+    row_letters: str  # einsum letters of the row axes, outermost first
+    user_dims: str  # the user's tensor, for messages
+
+    # -- TE side ---------------------------------------------------------------------------------
+    def row_dims(self, rows: int | None) -> list:
+        """The row axes' extents: symbolic ``te.var`` s, or fixed for ``rows`` rows in all."""
+        raise NotImplementedError
+
+    def shape(self, dims: Sequence, groups: int, features: int) -> list:
+        """The kernel-layout shape of a row-indexed tensor."""
+        raise NotImplementedError
+
+    def index(self, row: tuple, g, f) -> tuple:
+        """The kernel-layout index of (row axes, group, feature)."""
+        raise NotImplementedError
+
+    def split(self, idx: tuple) -> tuple[tuple, object, object]:
+        """Splits a kernel-layout index into (row axes, group, feature)."""
+        raise NotImplementedError
+
+    # -- torch side ------------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor, groups: int, in_features: int) -> None:
+        """Raises ``ValueError`` naming the expected shape unless ``x`` fits this layout."""
+        raise NotImplementedError
+
+    def kernel_view(self, t: torch.Tensor, groups: int, features: int) -> torch.Tensor:
+        """The user's tensor as the kernel indexes it (a view of a contiguous tensor)."""
+        raise NotImplementedError
+
+    def out_shape(self, x: torch.Tensor, groups: int, features: int) -> list[int]:
+        """The user-layout shape of the output for input ``x``."""
+        raise NotImplementedError
+
+    def einsum(self, feature: str) -> str:
+        """The einsum operand of a kernel-layout tensor whose feature letter is ``feature``."""
+        return f"{self.row_letters[0]}g{feature}{self.row_letters[1:]}"
+
+    def bias_view(self, bias: torch.Tensor) -> torch.Tensor:
+        """A ``(G, O)`` bias broadcastable against a kernel-layout output."""
+        raise NotImplementedError
+
+    @property
+    def row_sum_dims(self) -> tuple[int, ...]:
+        """The kernel-layout dims a sum over rows runs over."""
+        raise NotImplementedError
+
+    def random(self, rows: int, groups: int, features: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+        """A standard-normal kernel-layout tensor of ``rows`` rows."""
+        raise NotImplementedError
+
+
+class FeaturesLast(Layout):
+    """``(..., G*K) -> (..., G*O)``: the kernel sees ``(N, G, F)``, features contiguous."""
+
+    name = "last"
+    rows_innermost = False
+    row_letters = "n"
+    user_dims = "(..., groups*in_features)"
+
+    def row_dims(self, rows):
+        return [te.var("n") if rows is None else rows]
+
+    def shape(self, dims, groups, features):
+        return [dims[0], groups, features]
+
+    def index(self, row, g, f):
+        return (row[0], g, f)
+
+    def split(self, idx):
+        return (idx[0],), idx[1], idx[2]
+
+    def check_input(self, x, groups, in_features):
+        features = groups * in_features
+        if x.dim() < 1:
+            raise ValueError(f"x must have at least 1 dim {self.user_dims}, got a 0-dim tensor")
+        if x.shape[-1] != features:
+            raise ValueError(
+                f"x's last dim must be groups*in_features = {groups}*{in_features} = {features}, "
+                f"got x of shape {tuple(x.shape)}"
+            )
+
+    def kernel_view(self, t, groups, features):
+        return t.contiguous().view(-1, groups, features)
+
+    def out_shape(self, x, groups, features):
+        return [*x.shape[:-1], groups * features]
+
+    def bias_view(self, bias):
+        return bias[None, :, :]
+
+    @property
+    def row_sum_dims(self):
+        return (0,)
+
+    def random(self, rows, groups, features, dtype, device="cpu"):
+        return torch.randn(rows, groups, features).to(device=device, dtype=dtype)
+
+
+class Conv(Layout):
+    """``(B, G*K, L) -> (B, G*O, L)`` (Conv1d's layout): the kernel sees ``(B, G, F, L)``.
+
+    B and L are both row axes and both symbolic; L is contiguous.
+    """
+
+    name = "conv"
+    rows_innermost = True
+    row_letters = "bl"
+    user_dims = "(batch, groups*in_features, length)"
+
+    def row_dims(self, rows):
+        return [te.var("b"), te.var("l")] if rows is None else [1, rows]
+
+    def shape(self, dims, groups, features):
+        return [dims[0], groups, features, dims[1]]
+
+    def index(self, row, g, f):
+        return (row[0], g, f, row[1])
+
+    def split(self, idx):
+        return (idx[0], idx[3]), idx[1], idx[2]
+
+    def check_input(self, x, groups, in_features):
+        features = groups * in_features
+        if x.dim() != 3:
+            raise ValueError(
+                f"layout='conv' expects x of shape {self.user_dims}, got {x.dim()} dims: {tuple(x.shape)}"
+            )
+        if x.shape[1] != features:
+            raise ValueError(
+                f"x's dim 1 must be groups*in_features = {groups}*{in_features} = {features}, "
+                f"got x of shape {tuple(x.shape)}"
+            )
+
+    def kernel_view(self, t, groups, features):
+        t = t.contiguous()
+        return t.view(t.shape[0], groups, features, t.shape[2])
+
+    def out_shape(self, x, groups, features):
+        return [x.shape[0], groups * features, x.shape[2]]
+
+    def bias_view(self, bias):
+        return bias[None, :, :, None]
+
+    @property
+    def row_sum_dims(self):
+        return (0, 3)
+
+    def random(self, rows, groups, features, dtype, device="cpu"):
+        return torch.randn(1, groups, features, rows).to(device=device, dtype=dtype)
+
+
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (FeaturesLast(), Conv())}
+
+
+def layout_of(name: str) -> Layout:
+    """The registered layout called ``name``; ``ValueError`` naming the choices otherwise."""
+    try:
+        return LAYOUTS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"layout must be one of {tuple(LAYOUTS)}, got {name!r}") from None
