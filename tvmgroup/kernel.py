@@ -33,8 +33,10 @@ from tvmgroup.compute import OpSpec, ir_module
 from tvmgroup.paths import kernel_cache_dir
 from tvmgroup.schedules import DefaultKnobs, row_tile_of
 from tvmgroup.target import family_of, target_json, target_key
+from tvmgroup.threads import install_fork_handler
 
 log = logging.getLogger(__name__)
+install_fork_handler()  # before any kernel runs: a forked child must not wait on the pool
 
 
 @functools.lru_cache(maxsize=None)

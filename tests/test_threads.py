@@ -1,0 +1,64 @@
+"""Forked children after the parent ran kernels on several TVM threads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch
+    from tvmgroup import GroupedLinear
+    torch.manual_seed(0)
+    layer = GroupedLinear(4, 8, 8)
+    X = torch.randn(8, 64, 32)
+
+    def ref(x):
+        g, o, k = layer.weight.shape
+        y = torch.einsum("ngk,gok->ngo", x.double().view(-1, g, k), layer.weight.double()) + layer.bias.double()
+        return y.reshape(x.shape[0], g * o)
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(X)
+
+        def __getitem__(self, i):
+            with torch.no_grad():
+                return i, layer(X[i])
+
+    with torch.no_grad():
+        layer(X[0])  # the parent starts TVM's pool with TVM_NUM_THREADS threads
+    if sys.argv[1] == "fork":
+        pid = os.fork()
+        if pid == 0:
+            with torch.no_grad():
+                err = (layer(X[1]).double() - ref(X[1])).abs().max().item()
+            os._exit(0 if err < 1e-4 else 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+    else:
+        loader = torch.utils.data.DataLoader(Items(), batch_size=2, num_workers=2,
+                                             multiprocessing_context="fork")
+        worst = 0.0
+        for idx, y in loader:
+            for j, i in enumerate(idx.tolist()):
+                worst = max(worst, (y[j].double() - ref(X[i])).abs().max().item())
+        assert worst < 1e-4, worst
+    with torch.no_grad():  # the parent still works, with its pool
+        assert (layer(X[2]).double() - ref(X[2])).abs().max().item() < 1e-4
+    print("OK", os.environ.get("TVM_NUM_THREADS"))
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.parametrize("how", ["fork", "dataloader"])
+def test_forked_children_run_the_layer(how):
+    env = dict(os.environ, TVM_NUM_THREADS="2", TVMGROUP_QUIET="1")
+    out = subprocess.run([sys.executable, "-c", SCRIPT, how], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "OK 2"  # the parent kept its threads
