@@ -18,7 +18,10 @@ row count used for tuning must be a multiple of every candidate (``ROW_MULTIPLE`
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
+from typing import Iterator
 
 from tvm import s_tir
 
@@ -33,6 +36,26 @@ VECTOR_TILES = (8, 16, 32, 64)  # symbolic vector tile ("conv": the L axis)
 LANE_TILES = (8, 16, 32)  # lanes of grad_weight's partial sums along L ("conv")
 ROW_MULTIPLE = 256  # lcm of ROW_TILES and ROW_CHUNKS
 VECTOR_ALIGN = 16  # static vector loops are partitioned into a multiple of this + remainder
+
+
+# Set while building a kernel for small calls: the outer loops stay serial, since waking TVM's
+# thread pool costs more than such a call's work (several microseconds per launch).
+_SERIAL: contextvars.ContextVar[bool] = contextvars.ContextVar("tvmgroup_serial_loops", default=False)
+
+
+@contextlib.contextmanager
+def serial_loops() -> Iterator[None]:
+    """Within this block the template leaves its parallel loops serial."""
+    token = _SERIAL.set(True)
+    try:
+        yield
+    finally:
+        _SERIAL.reset(token)
+
+
+def _parallel(sch: s_tir.Schedule, loop) -> None:
+    if not _SERIAL.get():
+        sch.parallel(loop)
 
 
 def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: Knobs, tail: bool = False) -> None:
@@ -60,7 +83,7 @@ def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: K
 def _schedule_pack(sch: s_tir.Schedule, name: str) -> None:
     """A weight transpose (G*K*O elements, once per call): groups in parallel."""
     g, *_ = sch.get_loops(sch.get_sblock(name))
-    sch.parallel(g)
+    _parallel(sch, g)
 
 
 @dataclass
@@ -124,12 +147,12 @@ def _schedule_rows(sch, nests: list[_Nest], rows_innermost: bool, knobs: Knobs, 
         r0, r1 = sch.split(main.row, [None, row_tile], disable_predication=True)
         sch.reorder(r0, *main.outer, v0, *main.reduce, r1, v1)
         cache = _accumulate_locally(sch, main.block, v0, tail or bool(remainder))
-        sch.parallel(sch.fuse(r0, *main.outer, v0))
+        _parallel(sch, sch.fuse(r0, *main.outer, v0))
         _finish_micro_kernel(sch, main, r1, v1, cache)
         for nest in remainder:
             r0, r1 = sch.split(nest.row, [None, row_tile], disable_predication=True)
             sch.reorder(r0, *nest.outer, *nest.reduce, r1, nest.vec)
-            sch.parallel(sch.fuse(r0, *nest.outer))
+            _parallel(sch, sch.fuse(r0, *nest.outer))
             _finish_micro_kernel(sch, nest, r1, nest.vec, None)
         return row_tile
     # Rows innermost (conv): the vector loop is the symbolic length L: exact split, predicated
@@ -140,7 +163,7 @@ def _schedule_rows(sch, nests: list[_Nest], rows_innermost: bool, knobs: Knobs, 
     r0, r1 = _split_static(sch, nest.row, knobs, 8, 4)
     sch.reorder(*nest.outer, r0, v0, *nest.reduce, r1, v1)
     cache = _accumulate_locally(sch, nest.block, v0, tail)
-    sch.parallel(sch.fuse(*nest.outer, r0))
+    _parallel(sch, sch.fuse(*nest.outer, r0))
     _finish_micro_kernel(sch, nest, r1, v1, cache)
     return 1 if tail else tile
 
@@ -191,7 +214,7 @@ def _schedule_weight_grad(sch, nests: list[_Nest], rows_innermost: bool, knobs: 
             nest.reduce = [n0, n1]
         else:
             sch.reorder(g, o0, k0, *nest.reduce, o1, k1)
-        sch.parallel(sch.fuse(g, o0, k0))
+        _parallel(sch, sch.fuse(g, o0, k0))
         _finish_micro_kernel(sch, nest, o1, k1, None)
     return chunk
 
@@ -214,7 +237,7 @@ def _conv_weight_grad_in_lanes(sch, nest: _Nest, knobs: Knobs) -> int:
     g, o0, k0, *_ = sch.get_loops(partial)  # rfactor gave the original loops to the final sum
     sch.reverse_compute_at(nest.block, k0)
     sch.set_scope(partial, 0, "local")
-    sch.parallel(sch.fuse(g, o0, k0))
+    _parallel(sch, sch.fuse(g, o0, k0))
     _, b, _, o1, k1, l1 = sch.get_loops(partial)
     sch.unroll(o1)
     sch.unroll(k1)
@@ -232,7 +255,7 @@ def _conv_column_sum_in_lanes(sch: s_tir.Schedule, name: str, lanes: int) -> Non
     g, o, *_ = sch.get_loops(partial)
     sch.reverse_compute_at(block, o)
     sch.set_scope(partial, 0, "local")
-    sch.parallel(sch.fuse(g, o))
+    _parallel(sch, sch.fuse(g, o))
     _, b, _, l1 = sch.get_loops(partial)
     sch.vectorize(l1)
     sch.decompose_reduction(partial, b)
@@ -250,6 +273,6 @@ def _schedule_column_sum(sch: s_tir.Schedule, name: str, chunk: int) -> None:
         reduce = [n0, n1]
     else:
         sch.reorder(g, *reduce, o0, o1)
-    sch.parallel(g)
+    _parallel(sch, g)
     sch.vectorize(o1)
     sch.decompose_reduction(block, reduce[0])

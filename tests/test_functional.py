@@ -152,3 +152,22 @@ def test_expanded_weight(inputs, ref_grads, close):
     x, _, _ = inputs(3, 5, 4, (13, 15))
     weight = torch.randn(1, 4, 5).expand(3, 4, 5)
     _check_forward_backward(x, weight, None, "last", ref_grads, close)
+
+
+def test_gradients_of_gradients_raise_instead_of_dropping_terms(inputs):
+    """Double backward is not supported: differentiating the backward raises a clear error."""
+    x, weight, bias = inputs(2, 4, 3, (5, 8))
+    for t in (x, weight, bias):
+        t.requires_grad_(True)
+    y = grouped_linear(x, weight, bias)
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    assert gx.requires_grad
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        gx.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("rows", [3, 700])
+def test_small_and_large_calls_agree(rows, inputs, ref_grads, close):
+    """Small calls run the serial build, large ones the parallel build: both are right."""
+    x, weight, bias = inputs(4, 8, 8, (rows, 32))
+    _check_forward_backward(x, weight, bias, "last", ref_grads, close)

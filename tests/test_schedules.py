@@ -42,6 +42,23 @@ def test_cpu_template_records_its_row_tile(op, layout):
     assert row_tile_of(_scheduled("llvm", op, layout, tail=True).mod) == 1
 
 
+def _loop_kinds(sch: s_tir.Schedule) -> set[str]:
+    script = sch.mod.script()
+    return {kind for kind in ("T.parallel", "T.vectorized", "T.unroll") if kind in script}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_template_serial_variant_has_no_parallel_loop(op, layout):
+    from tvmgroup.schedules.cpu import serial_loops
+
+    assert "T.parallel" in _loop_kinds(_scheduled("llvm", op, layout))
+    with serial_loops():
+        serial = _scheduled("llvm", op, layout)
+    assert "T.parallel" not in _loop_kinds(serial) and "T.vectorized" in _loop_kinds(serial)
+    assert row_tile_of(serial.mod) == row_tile_of(_scheduled("llvm", op, layout).mod)
+
+
 def test_unscheduled_module_has_row_tile_one():
     assert row_tile_of(ir_module(OpSpec("forward", G, K, O))) == 1
 

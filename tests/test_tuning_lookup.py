@@ -233,3 +233,21 @@ def test_find_logs_layout():
     (log,) = find_logs(user_logs_dir())
     assert log.path == path and log.rows == 256 and log.space == "template" and log.trials == 3
     assert path.relative_to(user_logs_dir()).parts == (target_key(cpu_target()), SPEC.key, "n256")
+
+
+def test_kernel_for_call_serves_small_calls_a_serial_build(monkeypatch):
+    import torch
+
+    weight = torch.empty(2, 8, 8)
+    cpu = torch.device("cpu")
+    small = lookup.kernel_for_call("forward", weight, "last", True, cpu, rows=4)
+    large = lookup.kernel_for_call("forward", weight, "last", True, cpu, rows=1 << 16)
+    assert small.serial and not large.serial
+    assert small.choice.fingerprint == large.choice.fingerprint
+    assert lookup.kernel_for_call("forward", weight, "last", True, cpu, rows=5) is small
+    lookup.forget()  # e.g. a new log: the next call asks kernel_for again
+    asked = []
+    real = lookup.kernel_for
+    monkeypatch.setattr(lookup, "kernel_for", lambda *a, **k: asked.append(k) or real(*a, **k))
+    assert lookup.kernel_for_call("forward", weight, "last", True, cpu, rows=5).serial
+    assert asked == [{"serial": True}]

@@ -13,6 +13,7 @@ sums over rows comes from the op's :class:`~tvmgroup.opdefs.OpDef`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -67,15 +68,22 @@ class Kernel:
     row_tile: int = 1
     tail: tvm.runtime.Module | None = None
     target: tvm.target.Target | None = None
+    serial: bool = False  # built with its parallel loops left serial (for small calls)
 
     def __post_init__(self) -> None:
         self._args = tuple(self.spec.op_def.arg_list(self.spec.bias))
+        # The compiled functions themselves: calling them skips the module's entry lookup.
+        self._main = _entry_function(self.main)
+        self._tail = _entry_function(self.tail) if self.tail is not None else None
+        self._rows_innermost = self.spec.layout_def.rows_innermost
+        # The family's launch context (CUDA: torch's current stream), or None.
+        self.launch = family_of(self.target).launch if self.target is not None else None
 
     def __call__(self, *args: torch.Tensor) -> None:
         """Runs the op on tensors already in kernel layout (see :mod:`tvmgroup.opdefs`)."""
         if self.row_tile == 1:
-            self.main(*args)
-        elif self.spec.layout_def.rows_innermost:
+            self._main(*args)
+        elif self._rows_innermost:
             self._call_length(*args)
         else:
             self._call_rows(*args)
@@ -91,10 +99,10 @@ class Kernel:
         length = args[0].shape[-1]
         pad = -length % self.row_tile
         if pad == 0:
-            self.main(*args)
+            self._main(*args)
             return
         if length < self.row_tile:
-            self.tail(*args)
+            self._tail(*args)
             return
         call, copies = [], []
         for t, arg in zip(args, self._args):
@@ -106,7 +114,7 @@ class Kernel:
                 padded = t.new_empty((*t.shape[:-1], length + pad))
                 call.append(padded)
                 copies.append((t, padded))
-        self.main(*call)
+        self._main(*call)
         for t, padded in copies:
             t.copy_(padded[..., :length])
 
@@ -115,23 +123,33 @@ class Kernel:
         and ``tail`` the rest, both on views; outputs summed over rows add the tail's part."""
         rows = args[0].shape[0]
         cut = rows - rows % self.row_tile
-        if cut:
-            self.main(*[t[:cut] if arg.role == "rows" else t for t, arg in zip(args, self._args)])
         if cut == rows:
+            self._main(*args)
             return
+        if cut == 0:
+            self._tail(*args)
+            return
+        self._main(*[t[:cut] if arg.role == "rows" else t for t, arg in zip(args, self._args)])
         call, partials = [], []
         for t, arg in zip(args, self._args):
             if arg.role == "rows":
                 call.append(t[cut:])
-            elif arg.summed_over_rows and cut:
+            elif arg.summed_over_rows:
                 part = torch.empty_like(t)
                 call.append(part)
                 partials.append((t, part))
             else:
                 call.append(t)
-        self.tail(*call)
+        self._tail(*call)
         for t, part in partials:
             t.add_(part)
+
+
+def _entry_function(module: tvm.runtime.Module):
+    """The ``main`` function of a compiled (or loaded) module, as a callable."""
+    if hasattr(module, "jit"):  # tvm.compile's Executable: its runtime module, built once
+        module = module.jit()
+    return module["main"]
 
 
 def _compile(spec: OpSpec, target: tvm.target.Target, apply: ScheduleFn) -> tuple[tvm.runtime.Module, int]:
@@ -140,16 +158,23 @@ def _compile(spec: OpSpec, target: tvm.target.Target, apply: ScheduleFn) -> tupl
     return tvm.compile(sch.mod, target=target), row_tile_of(sch.mod)
 
 
-def build_kernel(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice) -> Kernel:
-    """Compiles ``spec`` for ``target`` with ``choice`` (and its tail kernel, if it needs one)."""
-    main, row_tile = _compile(spec, target, choice.apply)
-    tail = None
-    if row_tile > 1:
-        template = family_of(target).template()
-        tail, _ = _compile(
-            spec, target, lambda sch: template(sch, spec.op, spec.layout, spec.bias, DefaultKnobs(), tail=True)
-        )
-    return Kernel(spec, choice, main, row_tile, tail, target)
+def build_kernel(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, serial: bool = False) -> Kernel:
+    """Compiles ``spec`` for ``target`` with ``choice`` (and its tail kernel, if it needs one).
+
+    ``serial``: the family's serial variant (parallel loops left serial), for small calls.
+    """
+    family = family_of(target)
+    if serial and family.serial_loops is None:
+        raise ValueError(f"{family.kind} kernels have no serial variant")
+    with family.serial_loops() if serial else contextlib.nullcontext():
+        main, row_tile = _compile(spec, target, choice.apply)
+        tail = None
+        if row_tile > 1:
+            template = family.template()
+            tail, _ = _compile(
+                spec, target, lambda sch: template(sch, spec.op, spec.layout, spec.bias, DefaultKnobs(), tail=True)
+            )
+    return Kernel(spec, choice, main, row_tile, tail, target, serial)
 
 
 class KernelCache:
@@ -168,35 +193,35 @@ class KernelCache:
         with self._lock:
             self._kernels.clear()
 
-    def get(self, spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice) -> Kernel:
-        key = (spec, target_json(target), choice.fingerprint)
+    def get(self, spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, serial: bool = False) -> Kernel:
+        key = (spec, target_json(target), choice.fingerprint, serial)
         with self._lock:
             kernel = self._kernels.get(key)
             if kernel is None:
-                kernel = self._load_or_build(spec, target, choice, key[1])
+                kernel = self._load_or_build(spec, target, choice, key[1], serial)
                 self._kernels[key] = kernel
             return kernel
 
-    def _paths(self, spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, target_text: str) -> Path:
-        key = f"{target_text}|{choice.fingerprint}|{code_fingerprint()}"
+    def _paths(self, spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, target_text: str, serial: bool) -> Path:
+        key = f"{target_text}|{choice.fingerprint}|{code_fingerprint()}" + ("|serial" if serial else "")
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return kernel_cache_dir() / tvm.__version__ / target_key(target) / f"{spec.key}-{digest}"
 
-    def _load_or_build(self, spec, target, choice, target_text) -> Kernel:
+    def _load_or_build(self, spec, target, choice, target_text, serial) -> Kernel:
         if os.environ.get("TVMGROUP_DISK_CACHE", "1") == "0":
-            return build_kernel(spec, target, choice)
-        stem = self._paths(spec, target, choice, target_text)
+            return build_kernel(spec, target, choice, serial)
+        stem = self._paths(spec, target, choice, target_text, serial)
         stem.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(stem) + ".lock"):
-            kernel = self._load(spec, target, choice, stem)
+            kernel = self._load(spec, target, choice, stem, serial)
             if kernel is not None:
                 return kernel
-            kernel = build_kernel(spec, target, choice)
+            kernel = build_kernel(spec, target, choice, serial)
             self._save(kernel, stem)
             return kernel
 
     @staticmethod
-    def _load(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, stem: Path) -> Kernel | None:
+    def _load(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, stem: Path, serial: bool) -> Kernel | None:
         meta_path = stem.with_suffix(".json")
         if not meta_path.exists():
             return None
@@ -204,7 +229,7 @@ class KernelCache:
             meta = json.loads(meta_path.read_text())
             main = tvm.runtime.load_module(str(stem) + "-main.so")
             tail = tvm.runtime.load_module(str(stem) + "-tail.so") if meta["row_tile"] > 1 else None
-            return Kernel(spec, choice, main, int(meta["row_tile"]), tail, target)
+            return Kernel(spec, choice, main, int(meta["row_tile"]), tail, target, serial)
         except Exception as err:  # a corrupt or foreign file: rebuild it
             log.warning("tvmgroup: ignoring unusable cached kernel %s (%s); rebuilding", stem, err)
             return None

@@ -23,7 +23,7 @@ from tvmgroup.kernel import KERNELS, Kernel
 from tvmgroup.logs import LogError, TuningLog, find_logs
 from tvmgroup.paths import shipped_logs_dir, user_logs_dir
 from tvmgroup.replay import choice_from_log
-from tvmgroup.target import family_of, target_for_device, target_json, target_key
+from tvmgroup.target import family_for_device, family_of, target_for_device, target_json, target_key
 
 
 class UntunedShapeWarning(UserWarning):
@@ -41,12 +41,16 @@ _checked: set = set()  # tuned fingerprints, and (spec, target, fingerprint) of 
 _warned: set[str] = set()
 
 
+_for_call: dict[tuple, Kernel] = {}  # what kernel_for_call found, by what a call sees
+
+
 def forget() -> None:
     """Drops what this process has resolved, e.g. after a tuning run wrote a new log."""
     with _lock:
         _resolved.clear()
         _rejected.clear()
         _checked.clear()
+        _for_call.clear()
 
 
 def _warn_once(key: str, message: str, category: type[Warning]) -> None:
@@ -127,8 +131,39 @@ def resolve(spec: OpSpec, target: tvm.target.Target) -> ScheduleChoice:
         return choice
 
 
-def kernel_for(spec: OpSpec, target: tvm.target.Target) -> Kernel:
-    """The compiled kernel for ``spec``; a tuned one is checked against float64 on first use."""
+def kernel_for_call(op: str, weight, layout: str, bias: bool, device, rows: int) -> Kernel:
+    """The kernel for one call of ``op``: :func:`kernel_for` once, then a dictionary lookup.
+
+    ``rows`` picks the variant: calls below the family's ``serial_below`` multiply-adds get
+    the serial build, which skips waking the thread pool.
+    """
+    family = family_for_device(device.type)
+    serial = rows * weight.numel() < family.serial_below
+    key = (op, weight.shape, weight.dtype, layout, bias, device, serial)
+    kernel = _for_call.get(key)
+    if kernel is None:
+        groups, out_features, in_features = weight.shape
+        dtype = str(weight.dtype).removeprefix("torch.")
+        spec = OpSpec(op, groups, in_features, out_features, dtype, layout, bias)
+        kernel = kernel_for(spec, family.make_target(None), serial=serial)
+        with _lock:
+            _for_call[key] = kernel
+    return kernel
+
+
+def kernel_for(spec: OpSpec, target: tvm.target.Target, *, serial: bool = False) -> Kernel:
+    """The compiled kernel for ``spec``; a tuned one is checked against float64 on first use.
+
+    ``serial``: the same schedule built without parallel loops (the check runs on the
+    parallel build, whose loop bodies are the same).
+    """
+    kernel = _checked_kernel(spec, target)
+    if serial:
+        return KERNELS.get(spec, target, kernel.choice, serial=True)
+    return kernel
+
+
+def _checked_kernel(spec: OpSpec, target: tvm.target.Target) -> Kernel:
     while True:
         choice = resolve(spec, target)
         if choice.origin == "default":

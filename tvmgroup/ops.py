@@ -1,10 +1,14 @@
-"""The PyTorch custom ops ``tvmgroup::grouped_linear`` and its two backward ops.
+"""The op and its two backward passes: plain implementations, custom ops, eager autograd.
 
-Registered with ``torch.library.custom_op``, a fake (meta) implementation for each, and
-``register_autograd``, so the op works under autograd, ``torch.compile(fullgraph=True)`` and
-``torch.export``. The implementations reshape the user's tensors into kernel layout with
-views (no copies for contiguous inputs) and call the TVM kernel chosen by
-:mod:`tvmgroup.lookup`.
+* ``forward``, ``grad_input``, ``grad_weight``: the implementations. They view the user's
+  tensors in kernel layout (no copies for contiguous inputs) and call the TVM kernel chosen
+  by :func:`tvmgroup.lookup.kernel_for_call`. They do not check their inputs.
+* ``tvmgroup::grouped_linear`` and its backward ops: ``torch.library.custom_op`` s with fakes
+  and ``register_autograd``, so the op works under ``torch.compile(fullgraph=True)``,
+  ``torch.export``, dispatch modes and function transforms.
+* :class:`EagerGroupedLinear`: the same autograd as a ``torch.autograd.Function`` on the
+  implementations, for plain eager calls, where custom-op dispatch would cost more than a
+  small layer's work. :func:`tvmgroup.functional.grouped_linear` picks between the two.
 """
 
 from __future__ import annotations
@@ -14,36 +18,28 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tvmgroup.compute import OpSpec
+from tvmgroup.kernel import Kernel
 from tvmgroup.layouts import layout_of
-from tvmgroup.lookup import kernel_for
-from tvmgroup.target import family_for_device
+from tvmgroup.lookup import kernel_for_call
 from tvmgroup.validation import check_input
 
 
-def _spec(op: str, weight: Tensor, layout: str, bias: bool) -> OpSpec:
-    groups, out_features, in_features = weight.shape
-    return OpSpec(op, groups, in_features, out_features, str(weight.dtype).removeprefix("torch."), layout, bias)
-
-
-def _run(op: str, weight: Tensor, layout: str, bias: bool, device: torch.device, *args: Tensor) -> None:
-    family = family_for_device(device.type)
-    kernel = kernel_for(_spec(op, weight, layout, bias), family.make_target(None))
-    if family.launch is None:
+def _run(op: str, weight: Tensor, layout: str, bias: bool, rows: int, *args: Tensor) -> None:
+    device = args[0].device
+    kernel: Kernel = kernel_for_call(op, weight, layout, bias, device, rows)
+    if kernel.launch is None:
         kernel(*args)
         return
-    with family.launch(device):  # e.g. torch's current CUDA stream
+    with kernel.launch(device):  # e.g. torch's current CUDA stream
         kernel(*args)
 
 
 # ---------------------------------------------------------------------------------------------
-# forward
+# implementations
 
 
-@torch.library.custom_op("tvmgroup::grouped_linear", mutates_args=())
-def grouped_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str) -> Tensor:
-    """y = x @ weight[g].T + bias[g] per group, in the user's layout ("last" or "conv")."""
-    check_input(x, weight, bias, layout)
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str) -> Tensor:
+    """y = x @ weight[g].T + bias[g] per group, in the user's layout."""
     lay = layout_of(layout)
     groups, out_features, in_features = weight.shape
     y = x.new_empty(lay.out_shape(x, groups, out_features))
@@ -53,8 +49,60 @@ def grouped_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout:
     if bias is not None:
         args.append(bias.contiguous())
     args.append(lay.kernel_view(y, groups, out_features))
-    _run("forward", weight, layout, bias is not None, x.device, *args)
+    _run("forward", weight, layout, bias is not None, x.numel() // (groups * in_features), *args)
     return y
+
+
+def grad_input(grad_y: Tensor, weight: Tensor, layout: str) -> Tensor:
+    """grad_x = grad_y @ weight[g] per group."""
+    lay = layout_of(layout)
+    groups, out_features, in_features = weight.shape
+    grad_x = grad_y.new_empty(lay.out_shape(grad_y, groups, in_features))
+    if grad_y.numel() == 0:
+        return grad_x
+    dy = lay.kernel_view(grad_y, groups, out_features)
+    dx = lay.kernel_view(grad_x, groups, in_features)
+    _run("grad_input", weight, layout, False, grad_y.numel() // (groups * out_features), dy, weight.contiguous(), dx)
+    return grad_x
+
+
+def grad_weight(grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str) -> tuple[Tensor, Tensor]:
+    """(grad_weight, grad_bias): sums over rows; grad_bias is empty when ``with_bias`` is False."""
+    lay = layout_of(layout)
+    groups, out_features, in_features = weight.shape
+    grad_w = weight.new_empty(weight.shape)
+    grad_b = weight.new_empty((groups, out_features) if with_bias else (0,))
+    if grad_y.numel() == 0:
+        return grad_w.zero_(), grad_b.zero_()
+    args = [lay.kernel_view(grad_y, groups, out_features), lay.kernel_view(x, groups, in_features), grad_w]
+    if with_bias:
+        args.append(grad_b)
+    _run("grad_weight", weight, layout, with_bias, grad_y.numel() // (groups * out_features), *args)
+    return grad_w, grad_b
+
+
+def _backward_pass(saved, needs_input_grad, layout: str, with_bias: bool, grad_y: Tensor, grad_input_fn, grad_weight_fn):
+    x, weight = saved
+    need_x, need_w, need_b = needs_input_grad[:3]
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        grad_x = grad_input_fn(grad_y, weight, layout)
+    if need_w or need_b:
+        gw, gb = grad_weight_fn(grad_y, x, weight, with_bias and need_b, layout)
+        grad_w = gw if need_w else None
+        grad_b = gb if (need_b and with_bias) else None
+    return grad_x, grad_w, grad_b, None
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("tvmgroup::grouped_linear", mutates_args=())
+def grouped_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str) -> Tensor:
+    """y = x @ weight[g].T + bias[g] per group, in the user's layout ("last" or "conv")."""
+    check_input(x, weight, bias, layout)
+    return forward(x, weight, bias, layout)
 
 
 @grouped_linear_op.register_fake
@@ -63,21 +111,9 @@ def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str) -> Tensor:
     return x.new_empty(layout_of(layout).out_shape(x, weight.shape[0], weight.shape[1]))
 
 
-# ---------------------------------------------------------------------------------------------
-# backward: grad_x = grad_y @ weight[g] and (grad_weight, grad_bias) = sums over rows
-
-
 @torch.library.custom_op("tvmgroup::grouped_linear_grad_input", mutates_args=())
 def grad_input_op(grad_y: Tensor, weight: Tensor, layout: str) -> Tensor:
-    lay = layout_of(layout)
-    groups, out_features, in_features = weight.shape
-    grad_x = grad_y.new_empty(lay.out_shape(grad_y, groups, in_features))
-    if grad_y.numel() == 0:
-        return grad_x
-    dy = lay.kernel_view(grad_y, groups, out_features)
-    dx = lay.kernel_view(grad_x, groups, in_features)
-    _run("grad_input", weight, layout, False, grad_y.device, dy, weight.contiguous(), dx)
-    return grad_x
+    return grad_input(grad_y, weight, layout)
 
 
 @grad_input_op.register_fake
@@ -88,27 +124,13 @@ def _(grad_y: Tensor, weight: Tensor, layout: str) -> Tensor:
 @torch.library.custom_op("tvmgroup::grouped_linear_grad_weight", mutates_args=())
 def grad_weight_op(grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str) -> tuple[Tensor, Tensor]:
     """Returns (grad_weight, grad_bias); grad_bias is empty when ``with_bias`` is False."""
-    lay = layout_of(layout)
-    groups, out_features, in_features = weight.shape
-    grad_w = weight.new_empty(weight.shape)
-    grad_b = weight.new_empty((groups, out_features) if with_bias else (0,))
-    if grad_y.numel() == 0:
-        return grad_w.zero_(), grad_b.zero_()
-    args = [lay.kernel_view(grad_y, groups, out_features), lay.kernel_view(x, groups, in_features), grad_w]
-    if with_bias:
-        args.append(grad_b)
-    _run("grad_weight", weight, layout, with_bias, x.device, *args)
-    return grad_w, grad_b
+    return grad_weight(grad_y, x, weight, with_bias, layout)
 
 
 @grad_weight_op.register_fake
 def _(grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str) -> tuple[Tensor, Tensor]:
     groups, out_features, _ = weight.shape
     return weight.new_empty(weight.shape), weight.new_empty((groups, out_features) if with_bias else (0,))
-
-
-# ---------------------------------------------------------------------------------------------
-# autograd
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -119,18 +141,38 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_y: Tensor):
-    x, weight = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    grad_x = grad_w = grad_b = None
-    if need_x:
-        grad_x = grad_input_op(grad_y, weight, ctx.layout)
-    if need_w or need_b:
-        gw, gb = grad_weight_op(grad_y, x, weight, ctx.with_bias and need_b, ctx.layout)
-        grad_w = gw if need_w else None
-        grad_b = gb if (need_b and ctx.with_bias) else None
-    return grad_x, grad_w, grad_b, None
+    return _backward_pass(
+        ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, grad_y, grad_input_op, grad_weight_op
+    )
 
 
 grouped_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["grouped_linear_op", "grad_input_op", "grad_weight_op"]
+
+# ---------------------------------------------------------------------------------------------
+# eager autograd
+
+
+class EagerGroupedLinear(torch.autograd.Function):
+    """The op's autograd for plain eager calls: the implementations, without op dispatch."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str) -> Tensor:
+        return forward(x, weight, bias, layout)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        # With create_graph=True the backward itself is recorded: go through the custom ops,
+        # so differentiating it again is the op's clear error, never a silently dropped term.
+        recorded = torch.is_grad_enabled()
+        return _backward_pass(
+            ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, grad_y,
+            grad_input_op if recorded else grad_input, grad_weight_op if recorded else grad_weight,
+        )
+
+
+__all__ = ["grouped_linear_op", "grad_input_op", "grad_weight_op", "EagerGroupedLinear", "forward", "grad_input", "grad_weight"]

@@ -23,6 +23,7 @@ import torch
 import tvm
 
 from tvmgroup.schedules.cpu import ROW_MULTIPLE as CPU_ROW_MULTIPLE
+from tvmgroup.schedules.cpu import serial_loops
 from tvmgroup.schedules.cuda_tensorcore import DTYPES as TENSOR_CORE_DTYPES
 from tvmgroup.schedules.cuda_tensorcore import ROWS_PAD as TENSOR_CORE_ROWS
 
@@ -81,6 +82,10 @@ class TargetFamily:
     multi_core: bool = False  # the target has a "num-cores" attribute (parallel builds/measures)
     postprocs: tuple[str, ...] = ()  # MetaSchedule postprocessors (by name) a tuned candidate passes
     checked_default_dtypes: tuple[str, ...] = ()  # dtypes whose default kernel is checked on first use
+    # Calls with fewer multiply-adds than ``serial_below`` run a kernel built inside
+    # ``serial_loops()`` (no parallel loops): waking a thread pool costs more than their work.
+    serial_loops: Callable[[], ContextManager] | None = None
+    serial_below: int = 0
 
     def key(self, target: tvm.target.Target) -> str:
         return f"{self.kind}-{target.attrs.get(self.key_attr, 'generic')}"
@@ -101,6 +106,7 @@ FAMILIES: dict[str, TargetFamily] = {
     "llvm": TargetFamily(
         "llvm", ("llvm", "cpu"), "cpu", (torch.float32,), _cpu_target_for, "mcpu",
         row_multiple=CPU_ROW_MULTIPLE, logs_cross_targets=True, multi_core=True,
+        serial_loops=serial_loops, serial_below=1 << 16,
     ),
     "cuda": TargetFamily(
         "cuda", ("cuda",), "cuda", (torch.float32, torch.float16, torch.bfloat16), cuda_target, "arch",
