@@ -36,6 +36,12 @@ VECTOR_TILES = (8, 16, 32, 64)  # symbolic vector tile ("conv": the L axis)
 LANE_TILES = (8, 16, 32)  # lanes of grad_weight's partial sums along L ("conv")
 ROW_MULTIPLE = 256  # lcm of ROW_TILES and ROW_CHUNKS
 VECTOR_ALIGN = 16  # static vector loops are partitioned into a multiple of this + remainder
+# Panels (large groups, features innermost): the weight is read as panels of PANEL_LANES
+# output features, PANEL_VECTORS of them per register tile; a group's panel stays in cache
+# while every row streams past it. Serves when both feature counts reach PANEL_MIN.
+PANEL_LANES = 16
+PANEL_VECTORS = 4  # at most this many panels per register tile
+PANEL_MIN = 128
 
 
 # Set while building a kernel for small calls: the outer loops stay serial, since waking TVM's
@@ -77,7 +83,8 @@ def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: K
         else:
             _schedule_column_sum(sch, name, 1 if rows_innermost else row_tile)
     for name in roles.packs:
-        _schedule_pack(sch, name)
+        if not _is_packed_in_panels(sch, name):
+            _schedule_pack(sch, name)
 
 
 def _schedule_pack(sch: s_tir.Schedule, name: str) -> None:
@@ -137,8 +144,57 @@ def _split_static(sch, loop, knobs: Knobs, limit: int, default: int):
     return sch.split(loop, [None, factor])
 
 
+def _uses_panels(sch, nests: list[_Nest], rows_innermost: bool) -> bool:
+    if rows_innermost or len(nests) != 1:
+        return False
+    (nest,) = nests
+    vec, red = _extent(sch, nest.vec), _extent(sch, nest.reduce[0])
+    return vec % PANEL_LANES == 0 and min(vec, red) >= PANEL_MIN
+
+
+def _is_packed_in_panels(sch, name: str) -> bool:
+    """Whether the panel schedule already placed the pack stage ``name`` (under the nest)."""
+    return len(sch.get_loops(sch.get_sblock(name))) > 3
+
+
+def _schedule_rows_in_panels(sch, nest: _Nest, knobs: Knobs, tail: bool) -> int:
+    """forward and grad_input of large groups, features innermost: a GEMM per group.
+
+    Loop order: group, panel block (parallel), row tile, reduction, then the register tile
+    (rows x panels x lanes). The weight operand is copied into ``[G][J/16][R][16]`` panels
+    inside the parallel loop, so the tile reads it contiguously and a block's panels stay in
+    cache while all rows stream by.
+    """
+    block = nest.block
+    (g,) = nest.outer
+    row_tile = 1 if tail else knobs.inner_choice(sch, ROW_TILES, 8)
+    panels, lanes = sch.split(nest.vec, [None, PANEL_LANES])
+    p0, p1 = knobs.perfect_tile(sch, panels, 2, PANEL_VECTORS, [2])
+    j0, j1 = sch.split(panels, [p0, p1])
+    r0, r1 = sch.split(nest.row, [None, row_tile], disable_predication=True)
+    (red,) = nest.reduce
+    sch.reorder(g, j0, r0, red, r1, j1, lanes)
+    # The weight operand as (G, R, J): the forward's pack stage, or a copy made here for
+    # grad_input (its block reads (grad_y, weight)); either is laid out in panels.
+    packs = [b for b in sch.get_producers(block) if sch.get(b).name_hint.endswith("_packed")]
+    pack = packs[0] if packs else sch.cache_read(block, 1, "global")
+    sch.transform_layout(pack, ("write", 0), lambda g_, r_, j_: (g_, j_ // PANEL_LANES, r_, j_ % PANEL_LANES))
+    sch.compute_at(pack, j0, preserve_unit_loops=True)
+    cache = _accumulate_locally(sch, block, r0, tail)
+    _parallel(sch, sch.fuse(g, j0))
+    sch.unroll(r1)
+    sch.unroll(j1)
+    sch.vectorize(lanes)
+    if cache is not None:
+        sch.vectorize(sch.get_loops(cache)[-1])
+    sch.decompose_reduction(block, red)
+    return row_tile
+
+
 def _schedule_rows(sch, nests: list[_Nest], rows_innermost: bool, knobs: Knobs, tail: bool) -> int:
     """forward and grad_input: out[row, g, j] = sum_r a[row, g, r] * b[g, r, j]."""
+    if _uses_panels(sch, nests, rows_innermost):
+        return _schedule_rows_in_panels(sch, nests[0], knobs, tail)
     if not rows_innermost:
         # One row tile for every nest: the kernel's callers split rows by it.
         row_tile = 1 if tail else knobs.inner_choice(sch, ROW_TILES, 8)

@@ -171,3 +171,10 @@ def test_small_and_large_calls_agree(rows, inputs, ref_grads, close):
     """Small calls run the serial build, large ones the parallel build: both are right."""
     x, weight, bias = inputs(4, 8, 8, (rows, 32))
     _check_forward_backward(x, weight, bias, "last", ref_grads, close)
+
+
+@pytest.mark.parametrize("rows", [1, 37, 264])
+def test_large_groups_match_float64(rows, inputs, ref_grads, close):
+    """Groups large enough for the panel schedule, with row counts off its tile."""
+    x, weight, bias = inputs(2, 128, 144, (rows, 2 * 128))
+    _check_forward_backward(x, weight, bias, "last", ref_grads, close)

@@ -59,6 +59,20 @@ def test_cpu_template_serial_variant_has_no_parallel_loop(op, layout):
     assert row_tile_of(serial.mod) == row_tile_of(_scheduled("llvm", op, layout).mod)
 
 
+@pytest.mark.parametrize("op", ["forward", "grad_input"])
+def test_large_groups_read_the_weight_in_panels(op):
+    """K and O from PANEL_MIN: the weight operand is copied into (G, J/16, R, 16) panels."""
+    from tvmgroup.schedules.cpu import PANEL_LANES, PANEL_MIN
+
+    sch = s_tir.Schedule(ir_module(OpSpec(op, 2, PANEL_MIN, PANEL_MIN + 16)))
+    template_for("llvm")(sch, op, "last", True, DefaultKnobs())
+    script = sch.mod.script()
+    j = (PANEL_MIN + 16 if op == "forward" else PANEL_MIN) // PANEL_LANES
+    assert f"(2, {j}, " in script and f", {PANEL_LANES}))" in script
+    small = _scheduled("llvm", op, "last").mod.script()
+    assert f", {PANEL_LANES}))" not in small
+
+
 def test_unscheduled_module_has_row_tile_one():
     assert row_tile_of(ir_module(OpSpec("forward", G, K, O))) == 1
 

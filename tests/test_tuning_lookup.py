@@ -66,10 +66,11 @@ def test_user_log_serves_every_n():
         assert forward_error(n) < 1e-5
 
 
+@pytest.mark.parametrize("features", [(8, 24), (128, 144)], ids=["small", "panels"])
 @pytest.mark.parametrize("layout", ["last", "conv"])
 @pytest.mark.parametrize("op", OPS)
-def test_every_op_replays_and_passes_the_check(op, layout):
-    spec = OpSpec(op, 2, 8, 24, layout=layout)
+def test_every_op_replays_and_passes_the_check(op, layout, features):
+    spec = OpSpec(op, 2, *features, layout=layout)
     fake_log(user_logs_dir(), spec, cpu_target(), seeds=(5,))
     kernel = lookup.kernel_for(spec, cpu_target())
     assert kernel.choice.origin == "user"
