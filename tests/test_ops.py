@@ -104,3 +104,98 @@ def test_fake_tensor_shapes():
         assert grad_input_op(torch.randn(4, G * O, 9), w, "conv").shape == (4, G * K, 9)
         gw, gb = grad_weight_op(torch.randn(6, G * O), torch.randn(6, G * K), w, False, "last")
         assert gw.shape == (G, O, K) and gb.shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------
+# function transforms and forward-mode AD, against the same computation in float64
+
+
+def _ref64(x, weight, bias, layout="last"):
+    from tvmgroup.layouts import layout_of
+    from tvmgroup.opdefs import reference_pass
+
+    lay = layout_of(layout)
+    grad_y = torch.zeros(lay.out_shape(x, weight.shape[0], weight.shape[1]), dtype=torch.float64)
+    return reference_pass(lay, x, weight, bias, grad_y)["y"]
+
+
+def _linear64(x, weight, bias, layout="last"):
+    """The op written with differentiable torch ops, for transforms of the reference."""
+    g, o, k = weight.shape
+    if layout == "last":
+        xs = x.reshape(*x.shape[:-1], g, k)
+        return (torch.einsum("...gk,gok->...go", xs, weight) + bias).reshape(*x.shape[:-1], g * o)
+    xs = x.reshape(x.shape[0], g, k, x.shape[-1])
+    return (torch.einsum("bgkl,gok->bgol", xs, weight) + bias[None, :, :, None]).reshape(x.shape[0], g * o, x.shape[-1])
+
+
+def _params(shape=(5, 12)):
+    return torch.randn(shape), torch.randn(3, 4, 4), torch.randn(3, 4)
+
+
+def _close(got, want, tol=1e-4):
+    assert got.shape == want.shape
+    assert (got.double() - want).abs().max().item() <= tol * (1 + want.abs().max().item())
+
+
+def test_forward_mode_jvp_is_the_tangent_not_zero():
+    from torch.func import jvp
+
+    from tvmgroup import grouped_linear
+
+    x, w, b = _params()
+    tangents = tuple(torch.randn_like(t) for t in (x, w, b))
+    _, got = jvp(grouped_linear, (x, w, b), tangents)
+    _, want = jvp(_linear64, tuple(t.double() for t in (x, w, b)), tuple(t.double() for t in tangents))
+    assert got.abs().max() > 0
+    _close(got, want)
+
+
+def test_forward_ad_dual_tensors():
+    import torch.autograd.forward_ad as fwad
+
+    from tvmgroup import grouped_linear
+
+    x, w, b = _params()
+    tx = torch.randn_like(x)
+    with fwad.dual_level():
+        y = grouped_linear(fwad.make_dual(x, tx), w, b)
+        tangent = fwad.unpack_dual(y).tangent
+    _close(tangent, _ref64(tx, w, torch.zeros_like(b)))
+
+
+@pytest.mark.parametrize("layout", ["last", "conv"])
+def test_vmap_over_inputs_joins_rows(layout):
+    from torch.func import vmap
+
+    from tvmgroup import grouped_linear
+
+    x, w, b = _params((6, 5, 12) if layout == "last" else (6, 2, 12, 7))
+    got = vmap(lambda xi: grouped_linear(xi, w, b, layout=layout))(x)
+    _close(got, torch.stack([_ref64(xi, w, b, layout) for xi in x]))
+
+
+def test_vmap_over_stacked_parameters():
+    """Ensembles of layers: parameters batched, one input shared."""
+    from torch.func import vmap
+
+    from tvmgroup import grouped_linear
+
+    x, _, _ = _params()
+    ws, bs = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4)
+    got = vmap(lambda w, b: grouped_linear(x, w, b))(ws, bs)
+    _close(got, torch.stack([_ref64(x, w, b) for w, b in zip(ws, bs)]))
+
+
+def test_func_grad_jacrev_and_per_sample_gradients():
+    from torch.func import grad, jacrev, vmap
+
+    from tvmgroup import grouped_linear
+
+    x, w, b = _params()
+    x64, w64, b64 = (t.double() for t in (x, w, b))
+    _close(grad(lambda w: grouped_linear(x, w, b).pow(2).sum())(w), grad(lambda w: _linear64(x64, w, b64).pow(2).sum())(w64))
+    _close(jacrev(lambda w: grouped_linear(x, w, b))(w), jacrev(lambda w: _linear64(x64, w, b64))(w64))
+    per_sample = vmap(grad(lambda w, xi: grouped_linear(xi, w, b).pow(2).sum()), in_dims=(None, 0))(w, x)
+    want = vmap(grad(lambda w, xi: _linear64(xi, w, b64).pow(2).sum()), in_dims=(None, 0))(w64, x64)
+    _close(per_sample, want)

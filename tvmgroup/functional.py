@@ -10,13 +10,12 @@ from tvmgroup.validation import check_input
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """A call torch does nothing special with: no compiler or export tracing, no function
-    transform (vmap, grad), no dispatch or function mode, no tensor subclass. Such calls
-    skip custom-op dispatch; all others go through the registered op."""
+def _eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """An eager call: no compiler or export tracing, no dispatch or function mode, no tensor
+    subclass. Such calls (function transforms and forward-mode AD included) run
+    :class:`~tvmgroup.ops.EagerGroupedLinear`; all others go through the registered op."""
     return (
         not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._is_torch_function_mode_enabled()
         and type(x) in _PLAIN
@@ -43,8 +42,17 @@ def grouped_linear(
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     check_input(x, weight, bias, layout)
-    if not _plain_eager(x, weight, bias):
+    if not _eager(x, weight, bias):
         return grouped_linear_op(x, weight, bias, layout)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return EagerGroupedLinear.apply(x, weight, bias, layout)
-    return forward(x, weight, bias, layout)
+    if _plain(x, weight, bias):
+        return forward(x, weight, bias, layout)
+    return EagerGroupedLinear.apply(x, weight, bias, layout)
+
+
+def _plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Nothing to differentiate or transform: the implementation alone serves."""
+    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+        return False
+    return not torch.is_grad_enabled() or not (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )

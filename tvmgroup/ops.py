@@ -154,7 +154,12 @@ grouped_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class EagerGroupedLinear(torch.autograd.Function):
-    """The op's autograd for plain eager calls: the implementations, without op dispatch."""
+    """The op's autograd for eager calls: the implementations, without op dispatch.
+
+    Besides the backward it has a forward-mode rule (``jvp``: the op is linear in x and in
+    (weight, bias)) and a ``vmap`` rule, so ``torch.func`` transforms and
+    ``torch.autograd.forward_ad`` work on it.
+    """
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str) -> Tensor:
@@ -163,16 +168,112 @@ class EagerGroupedLinear(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _setup_context(ctx, inputs, output)
+        x, weight, bias, _ = inputs
+        ctx.save_for_forward(x, weight)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        # With create_graph=True the backward itself is recorded: go through the custom ops,
-        # so differentiating it again is the op's clear error, never a silently dropped term.
+        # With create_graph=True (and under torch.func.grad) the backward itself is recorded:
+        # go through Functions whose own backward raises, so differentiating again is a clear
+        # error, never a silently dropped term.
         recorded = torch.is_grad_enabled()
         return _backward_pass(
             ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, grad_y,
-            grad_input_op if recorded else grad_input, grad_weight_op if recorded else grad_weight,
+            _GradInput.apply if recorded else grad_input, _GradWeight.apply if recorded else grad_weight,
         )
+
+    @staticmethod
+    def jvp(ctx, x_t: Optional[Tensor], weight_t: Optional[Tensor], bias_t: Optional[Tensor], _layout_t) -> Tensor:
+        """d(x W^T + b) = dx W^T + x dW^T + db (the op itself, applied to the tangents;
+        through ``apply``, since under torch.func the tangents are wrapped tensors)."""
+        x, weight = ctx.saved_tensors
+        op = EagerGroupedLinear.apply
+        terms = []
+        if x_t is not None:
+            terms.append(op(x_t, weight, bias_t, ctx.layout))
+            bias_t = None
+        if weight_t is not None:
+            terms.append(op(x, weight_t, bias_t, ctx.layout))
+            bias_t = None
+        if bias_t is not None:
+            terms.append(op(torch.zeros_like(x), weight, bias_t, ctx.layout))
+        return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+    @staticmethod
+    def vmap(info, in_dims, x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str):
+        return _vmap_rows_or_members(EagerGroupedLinear.apply, info, in_dims, (x, weight, bias, layout))
+
+
+def _vmap_rows_or_members(apply, info, in_dims, args: tuple):
+    """A vmap rule for an op whose first argument is row-indexed and whose last is the layout.
+
+    A batch over that argument alone joins its rows (one call, outputs row-indexed); any
+    other batch (over parameters: ensembles of layers) runs one call per member.
+    """
+    first, *rest = args
+    layout = args[-1]
+    if all(d is None for d in in_dims[1:]):
+        first = first.movedim(in_dims[0], 0)
+        batch = first.shape[0]
+        if layout_of(layout).rows_innermost:  # (V, B, F, L): V joins B
+            out = apply(first.reshape(-1, *first.shape[2:]), *rest)
+            return out.reshape(batch, -1, *out.shape[1:]), 0
+        return apply(first, *rest), 0
+
+    def member(t, dim, i):
+        return t if dim is None or not isinstance(t, Tensor) else t.select(dim, i)
+
+    outs = [apply(*(member(t, d, i) for t, d in zip(args, in_dims))) for i in range(info.batch_size)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*outs)), tuple(0 for _ in outs[0])
+    return torch.stack(outs), 0
+
+
+def _no_double_backward(*_):
+    raise RuntimeError(
+        "tvmgroup: gradients of gradients (double backward) are not supported; the first "
+        "backward pass works, differentiating its result does not"
+    )
+
+
+class _GradInput(torch.autograd.Function):
+    """grad_input where the backward pass is itself recorded: differentiating it raises."""
+
+    forward = staticmethod(grad_input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    backward = staticmethod(_no_double_backward)
+
+    @staticmethod
+    def vmap(info, in_dims, grad_y: Tensor, weight: Tensor, layout: str):
+        return _vmap_rows_or_members(_GradInput.apply, info, in_dims, (grad_y, weight, layout))
+
+
+class _GradWeight(torch.autograd.Function):
+    """grad_weight where the backward pass is itself recorded: differentiating it raises."""
+
+    forward = staticmethod(grad_weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    backward = staticmethod(_no_double_backward)
+
+    @staticmethod
+    def vmap(info, in_dims, grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str):
+        # Sums over rows differ per member: one call each (joining the members' rows would
+        # add their sums together).
+        args = (grad_y, x, weight, with_bias, layout)
+
+        def member(t, dim, i):
+            return t if dim is None or not isinstance(t, Tensor) else t.select(dim, i)
+
+        outs = [_GradWeight.apply(*(member(t, d, i) for t, d in zip(args, in_dims))) for i in range(info.batch_size)]
+        return tuple(torch.stack(parts) for parts in zip(*outs)), (0, 0)
 
 
 __all__ = ["grouped_linear_op", "grad_input_op", "grad_weight_op", "EagerGroupedLinear", "forward", "grad_input", "grad_weight"]
