@@ -62,3 +62,19 @@ def test_forked_children_run_the_layer(how):
     out = subprocess.run([sys.executable, "-c", SCRIPT, how], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "OK 2"  # the parent kept its threads
+
+
+@pytest.mark.parametrize("preset", [None, "1"])
+def test_tvm_pool_matches_torch_unless_the_user_says(preset):
+    code = (
+        "import os, torch, tvm, tvmgroup.kernel\n"
+        "print(os.environ['TVM_NUM_THREADS'], torch.get_num_threads(), tvm.get_global_func('runtime.NumThreads')())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    if preset is not None:
+        env["TVM_NUM_THREADS"] = preset
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    env_value, torch_threads, tvm_threads = out.stdout.split()
+    expected = preset or torch_threads
+    assert env_value == expected and tvm_threads == expected

@@ -34,10 +34,13 @@ from tvmgroup.compute import OpSpec, ir_module
 from tvmgroup.paths import kernel_cache_dir
 from tvmgroup.schedules import DefaultKnobs, row_tile_of
 from tvmgroup.target import family_of, target_json, target_key
-from tvmgroup.threads import install_fork_handler
+from tvmgroup.threads import install_fork_handler, match_torch_threads
 
 log = logging.getLogger(__name__)
-install_fork_handler()  # before any kernel runs: a forked child must not wait on the pool
+# Before any kernel runs: the pool's size is fixed when it starts, and a forked child must
+# not wait on the parent's pool.
+match_torch_threads()
+install_fork_handler()
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,5 +1,11 @@
-"""TVM's CPU thread pool in a forked child.
+"""TVM's CPU thread pool: its size, and forked children.
 
+Size: TVM sizes its pool at half the cores it sees on x86 (it assumes two hardware threads
+per core), so on a machine or VM without them the layer used half the cores torch uses.
+Unless ``TVM_NUM_THREADS`` is set, it is set to ``torch.get_num_threads()`` before the pool
+starts (the first parallel kernel): both libraries use the same cores.
+
+Forked children:
 TVM keeps its worker pool in a thread-local object whose threads do not survive ``fork()``:
 a child (a ``DataLoader`` worker, a ``multiprocessing`` fork) that runs a parallel kernel
 would wait on them forever. TVM re-reads ``TVM_NUM_THREADS`` on every parallel launch and,
@@ -17,6 +23,13 @@ _installed = False
 
 def _serial_in_child() -> None:
     os.environ["TVM_NUM_THREADS"] = "1"
+
+
+def match_torch_threads() -> None:
+    """Sizes TVM's pool like torch's intra-op pool, unless ``TVM_NUM_THREADS`` says otherwise."""
+    import torch
+
+    os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
 
 
 def install_fork_handler() -> None:
