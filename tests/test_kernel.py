@@ -248,6 +248,25 @@ def test_disk_cache_can_be_disabled(isolated_home, monkeypatch):
     assert not list(isolated_home.rglob("*.so"))
 
 
+def test_unwritable_home_keeps_kernels_in_memory(tmp_path, monkeypatch, ref_grads, close):
+    """A home that cannot hold the cache (here a file, so this holds for root too): a warning,
+    and the kernel still serves."""
+    home = tmp_path / "home"
+    home.write_text("not a directory")
+    monkeypatch.setenv("TVMGROUP_HOME", str(home))
+    spec, target = _spec_for_cache(), cpu_target()
+    cache = KernelCache()
+    with pytest.warns(UserWarning, match="kept in memory only"):
+        kernel = cache.get(spec, target, default_choice(spec, target))
+    _check_kernel(kernel, ref_grads, close)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        cache.get(spec, target, default_choice(spec, target), serial=True)
+    assert not [w for w in later if "kept in memory only" in str(w.message)]  # warned once
+
+
 def test_kernel_cache_clear_forgets_kernels():
     cache = KernelCache()
     spec, target = _spec_for_cache(), cpu_target()

@@ -252,3 +252,15 @@ def test_kernel_for_call_serves_small_calls_a_serial_build(monkeypatch):
     monkeypatch.setattr(lookup, "kernel_for", lambda *a, **k: asked.append(k) or real(*a, **k))
     assert lookup.kernel_for_call("forward", weight, "last", True, cpu, rows=5).serial
     assert asked == [{"serial": True}]
+
+
+def test_random_bytes_in_a_log_are_skipped(capsys):
+    import os
+
+    from tvmgroup import cli
+
+    path = fake_log(user_logs_dir(), SPEC, cpu_target())
+    (path / RECORDS).write_bytes(os.urandom(4096) + b"\n" + os.urandom(512))
+    _expect_fallback("no successfully measured record")
+    assert cli.main(["logs"]) == 0
+    assert SPEC.key in capsys.readouterr().out

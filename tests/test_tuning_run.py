@@ -177,8 +177,21 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys):
 def test_bad_arguments_name_what_was_expected(capsys):
     assert cli.main(["tune", *SHAPE, "--ops", "forward,backward"]) == 2
     assert "--ops must be a comma-separated subset of forward,grad_input,grad_weight" in capsys.readouterr().err
-    assert cli.main(["tune", *SHAPE, "--trials", "0"]) == 2
-    assert "trials must be >= 1" in capsys.readouterr().err
+    for option, value in (("--trials", "0"), ("--keep", "0"), ("--rows", "-4")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["tune", *SHAPE, option, value])
+        assert exit_info.value.code == 2
+        assert f"{option}: expected an integer >= 1, got {int(value)}" in capsys.readouterr().err
+
+
+def test_dtypes_are_checked_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "logs"
+    with pytest.raises(SystemExit):
+        cli.main(["tune", *SHAPE, "--dtype", "../../x", "--output", str(out)])
+    assert "invalid choice: '../../x'" in capsys.readouterr().err
+    assert cli.main(["tune", *SHAPE, "--dtype", "float16", "--target", "llvm", "--output", str(out)]) == 2
+    assert "llvm kernels run float32; nothing would use this log" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_prune_keeps_the_best_records(tmp_path):

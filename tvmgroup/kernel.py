@@ -191,6 +191,7 @@ class KernelCache:
     def __init__(self) -> None:
         self._kernels: dict[tuple, Kernel] = {}
         self._lock = threading.Lock()
+        self._warned_unwritable = False
 
     def clear(self) -> None:
         with self._lock:
@@ -214,14 +215,28 @@ class KernelCache:
         if os.environ.get("TVMGROUP_DISK_CACHE", "1") == "0":
             return build_kernel(spec, target, choice, serial)
         stem = self._paths(spec, target, choice, target_text, serial)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(stem) + ".lock"):
+        lock = FileLock(str(stem) + ".lock")
+        try:
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except OSError as err:  # a read-only or full home: kernels live in this process only
+            if not self._warned_unwritable:
+                self._warned_unwritable = True
+                warnings.warn(
+                    f"tvmgroup: cannot use the kernel cache in {stem.parent} ({err}); compiled kernels "
+                    "are kept in memory only (set TVMGROUP_HOME to a writable directory)",
+                    stacklevel=4,
+                )
+            return build_kernel(spec, target, choice, serial)
+        try:
             kernel = self._load(spec, target, choice, stem, serial)
             if kernel is not None:
                 return kernel
             kernel = build_kernel(spec, target, choice, serial)
             self._save(kernel, stem)
             return kernel
+        finally:
+            lock.release()
 
     @staticmethod
     def _load(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, stem: Path, serial: bool) -> Kernel | None:

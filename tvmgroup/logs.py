@@ -128,16 +128,19 @@ def mean_secs(run_secs) -> float:
 
 
 def read_records(path: Path) -> list[tuple[int, list]]:
-    """``(workload index, record JSON)`` of every complete, well-formed record line."""
+    """``(workload index, record JSON)`` of every complete, well-formed record line.
+
+    Lines that are not such JSON (a torn last line, bytes that are not UTF-8) are skipped.
+    """
     out = []
-    with open(Path(path) / RECORDS) as f:
+    with open(Path(path) / RECORDS, "rb") as f:
         for line in f:
             try:
                 index, record = json.loads(line)
                 if isinstance(index, int) and isinstance(record, list) and len(record) >= 2:
                     out.append((index, record))
-            except (ValueError, TypeError):
-                continue  # a torn line from an interrupted write
+            except (ValueError, TypeError):  # UnicodeDecodeError is a ValueError
+                continue
     return out
 
 

@@ -47,13 +47,18 @@ class Shape:
 
 
 # Shapes from real use. Group counts near 100 with small groups are where nn.Conv1d(groups=G)
-# is slowest relative to the work it does.
+# is slowest relative to the work it does; the last four are layers of real models, where
+# PyTorch's batched GEMM is at its best.
 DEFAULT_SHAPES: tuple[Shape, ...] = (
     Shape(4096, 32, 64, 64),
     Shape(4096, 8, 100, 100),
     Shape(1024, 100, 16, 16),
     Shape(4096, 96, 16, 16),
     Shape(2048, 100, 32, 32),
+    Shape(256, 10, 256, 256),  # ensemble critic: 10 members, hidden 256, batch 256
+    Shape(256, 7, 200, 200),  # dynamics-model ensemble: 7 members, hidden 200
+    Shape(768, 5, 512, 512),  # ensemble with hidden 512, batch 768
+    Shape(512, 4, 384, 384),  # block-diagonal MLP: 4 blocks of a 1536-wide layer
 )
 
 # Keeps a mistyped shape from allocating the machine's whole memory.

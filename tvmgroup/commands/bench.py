@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tvmgroup.bench.formulations import FORMULATIONS
+from tvmgroup.commands.arguments import non_negative, positive
 from tvmgroup.bench.shapes import DEFAULT_SHAPES, parse_shape
 
 FULL = {"warmup": 3, "repeats": 20, "buffers": 4, "sgemm_size": 2048, "ceiling_repeats": 5}
@@ -56,25 +57,6 @@ def _shape_arg(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``, with an error naming what came."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-_positive = _int_at_least(1)
-_non_negative = _int_at_least(0)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
@@ -89,11 +71,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"short run: {QUICK['repeats']} repeats after {QUICK['warmup']} warm-up call, "
                         f"{QUICK['buffers']} input buffers (default {FULL['repeats']} repeats, "
                         f"{FULL['warmup']} warm-up calls, {FULL['buffers']} buffers); same shapes")
-    p.add_argument("--repeats", type=_positive, help="timed calls per measurement (overrides --quick)")
-    p.add_argument("--warmup", type=_non_negative, help="untimed calls before timing (overrides --quick)")
+    p.add_argument("--repeats", type=positive, help="timed calls per measurement (overrides --quick)")
+    p.add_argument("--warmup", type=non_negative, help="untimed calls before timing (overrides --quick)")
     p.add_argument("--formulations", metavar="NAME[,NAME...]",
                    help=f"only these formulations (default all: {','.join(FORMULATIONS)})")
-    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1,
+    p.add_argument("--threads", type=positive, default=os.cpu_count() or 1,
                    help="threads for PyTorch and TVM (default: os.cpu_count() = %(default)s)")
     p.add_argument("--output", type=Path, default=Path("bench-results"), metavar="DIR",
                    help="directory for bench.txt, bench.md, bench.json, bench.png (default: %(default)s/)")

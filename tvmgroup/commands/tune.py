@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from tvmgroup.commands.arguments import positive
 from tvmgroup.compute import LAYOUTS, OPS
 
 
@@ -18,26 +19,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Tunes forward/grad_input/grad_weight for one shape. Running the same command again "
         "resumes: only the trials missing from the log are measured.",
     )
-    p.add_argument("--groups", type=int, required=True)
-    p.add_argument("--in-features", type=int, required=True)
-    p.add_argument("--out-features", type=int, required=True)
-    p.add_argument("--rows", type=int, default=4096, help="rows (batch*length) to tune at; rounded up to a multiple of 256 (default 4096)")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--groups", type=positive, required=True)
+    p.add_argument("--in-features", type=positive, required=True)
+    p.add_argument("--out-features", type=positive, required=True)
+    p.add_argument("--rows", type=positive, default=4096,
+                   help="rows (batch*length) to tune at; rounded up to the target's row multiple (default 4096)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="storage dtype (default float32); the target must run it (CPU: float32)")
     p.add_argument("--layout", choices=LAYOUTS, default="last")
     p.add_argument("--no-bias", dest="bias", action="store_false", help="the layer has no bias")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops (default {','.join(OPS)})")
     p.add_argument("--target", default="llvm", help="'llvm' (this CPU), 'cuda' (this GPU) or 'cuda:sm_XX'")
-    p.add_argument("--trials", type=int, default=64, help="trials per op (default 64)")
+    p.add_argument("--trials", type=positive, default=64, help="trials per op (default 64)")
     p.add_argument("--space", choices=("template", "generic"), default="template",
                    help="the tvmgroup template (default) or MetaSchedule's generic space, for comparison")
     p.add_argument("--output", type=Path, default=None,
                    help="log root (default $TVMGROUP_HOME/tuning_logs); --output tuning_logs makes shipped logs")
-    p.add_argument("--keep", type=int, default=None,
+    p.add_argument("--keep", type=positive, default=None,
                    help="prune each log to its N best records at the end (default: 8 with --output, else all)")
-    p.add_argument("--batch", type=int, default=16, help="candidates measured per search iteration (default 16)")
+    p.add_argument("--batch", type=positive, default=16, help="candidates measured per search iteration (default 16)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
+
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _ops(text: str) -> list[str]:
@@ -56,9 +62,13 @@ def run(args: argparse.Namespace) -> int:
     from tvmgroup.tuning.tune import TuneRequest, tune_op, tuning_rows
 
     target = parse_target(args.target)
+    family = family_of(target)
+    if args.dtype not in {str(d).removeprefix("torch.") for d in family.dtypes}:
+        names = ", ".join(str(d).removeprefix("torch.") for d in family.dtypes)
+        raise ValueError(f"--dtype {args.dtype}: {family.kind} kernels run {names}; nothing would use this log")
     rows = tuning_rows(args.rows, target)
     if rows != args.rows:
-        multiple = family_of(target).row_multiple
+        multiple = family.row_multiple
         print(f"tvmgroup tune: --rows {args.rows} rounded up to {rows} (tuning needs a multiple of {multiple})", file=sys.stderr)
     root = args.output if args.output is not None else user_logs_dir()
     keep = args.keep if args.keep is not None else (8 if args.output is not None else None)
