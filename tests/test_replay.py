@@ -15,8 +15,6 @@ import json
 import pytest
 from tvm import s_tir
 
-import tvmgroup
-from tvmgroup import lookup
 from tvmgroup.compute import LAYOUTS, OPS, OpSpec, ir_module
 from tvmgroup.lookup import TuningLogWarning
 from tvmgroup.paths import user_logs_dir
@@ -32,26 +30,17 @@ from tvmgroup.schedules.knobs import (
 from tvmgroup.logs import RECORDS
 from tvmgroup.target import cpu_target
 
-from tuning_helpers import fake_log, forward_error
+from tuning_helpers import fake_log, forward_error, fresh_lookup, schedule_info_of
 
 SPEC = OpSpec("forward", 2, 8, 8)
 LLVM_IR = 'define void @tvmgroup_evil() {\n  call void @system(i8* null)\n  ret void\n}\n'
 
 
-@pytest.fixture(autouse=True)
-def fresh(tmp_path, monkeypatch):
-    """Each test: an empty TVMGROUP_HOME, nothing resolved, no warning given yet."""
-    monkeypatch.setenv("TVMGROUP_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("TVMGROUP_QUIET", raising=False)
-    lookup.forget()
-    lookup._warned.clear()
-    yield
-    lookup.forget()
+fresh = pytest.fixture(autouse=True)(fresh_lookup)
 
 
 def info(spec: OpSpec = SPEC) -> dict:
-    return tvmgroup.schedule_info(spec.op, spec.groups, spec.in_features, spec.out_features,
-                                  dtype=spec.dtype, layout=spec.layout, bias=spec.bias)
+    return schedule_info_of(spec)
 
 
 def plant(edit) -> None:

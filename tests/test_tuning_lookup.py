@@ -11,7 +11,6 @@ import warnings
 
 import pytest
 
-import tvmgroup
 from tvmgroup import lookup
 from tvmgroup.compute import OPS, OpSpec
 from tvmgroup.lookup import TuningLogWarning, UntunedShapeWarning
@@ -20,25 +19,16 @@ from tvmgroup.target import cpu_target, cuda_target, target_key
 from tvmgroup import check
 from tvmgroup.logs import META, RECORDS, LogError, find_logs
 
-from tuning_helpers import fake_log, forward_error
+from tuning_helpers import fake_log, forward_error, fresh_lookup, schedule_info_of
 
 SPEC = OpSpec("forward", 2, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def fresh(tmp_path, monkeypatch):
-    """Each test: an empty TVMGROUP_HOME, nothing resolved, no warning given yet."""
-    monkeypatch.setenv("TVMGROUP_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("TVMGROUP_QUIET", raising=False)
-    lookup.forget()
-    lookup._warned.clear()
-    yield
-    lookup.forget()
+fresh = pytest.fixture(autouse=True)(fresh_lookup)
 
 
 def info(spec: OpSpec = SPEC) -> dict:
-    return tvmgroup.schedule_info(spec.op, spec.groups, spec.in_features, spec.out_features,
-                                  dtype=spec.dtype, layout=spec.layout, bias=spec.bias)
+    return schedule_info_of(spec)
 
 
 def test_untuned_warns_once_with_the_command():

@@ -49,3 +49,23 @@ def forward_error(n: int, groups: int = 2, k: int = 8, o: int = 8, bias: bool = 
     ref = reference_pass(layout_of("last"), x, w, b, grad_y)["y"]
     mag = reference_pass(layout_of("last"), x.abs(), w.abs(), b.abs() if b is not None else None, grad_y)["y"]
     return ((y - ref).abs() / (mag + 1e-30)).max().item()
+
+
+def fresh_lookup(tmp_path, monkeypatch):
+    """A test's fixture body: an empty TVMGROUP_HOME, nothing resolved, no warning given yet."""
+    from tvmgroup import lookup
+
+    monkeypatch.setenv("TVMGROUP_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TVMGROUP_QUIET", raising=False)
+    lookup.forget()
+    lookup._warned.clear()
+    yield
+    lookup.forget()
+
+
+def schedule_info_of(spec: OpSpec) -> dict:
+    """``tvmgroup.schedule_info`` for ``spec``."""
+    import tvmgroup
+
+    return tvmgroup.schedule_info(spec.op, spec.groups, spec.in_features, spec.out_features,
+                                  dtype=spec.dtype, layout=spec.layout, bias=spec.bias)

@@ -220,13 +220,16 @@ def _vmap_rows_or_members(apply, info, in_dims, args: tuple):
             return out.reshape(batch, -1, *out.shape[1:]), 0
         return apply(first, *rest), 0
 
+    return torch.stack(_per_member(apply, info, in_dims, args)), 0
+
+
+def _per_member(apply, info, in_dims, args: tuple) -> list:
+    """``apply`` once per member of a vmap batch, each call on that member's slices."""
+
     def member(t, dim, i):
         return t if dim is None or not isinstance(t, Tensor) else t.select(dim, i)
 
-    outs = [apply(*(member(t, d, i) for t, d in zip(args, in_dims))) for i in range(info.batch_size)]
-    if isinstance(outs[0], tuple):
-        return tuple(torch.stack(parts) for parts in zip(*outs)), tuple(0 for _ in outs[0])
-    return torch.stack(outs), 0
+    return [apply(*(member(t, d, i) for t, d in zip(args, in_dims))) for i in range(info.batch_size)]
 
 
 def _no_double_backward(*_):
@@ -267,12 +270,7 @@ class _GradWeight(torch.autograd.Function):
     def vmap(info, in_dims, grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str):
         # Sums over rows differ per member: one call each (joining the members' rows would
         # add their sums together).
-        args = (grad_y, x, weight, with_bias, layout)
-
-        def member(t, dim, i):
-            return t if dim is None or not isinstance(t, Tensor) else t.select(dim, i)
-
-        outs = [_GradWeight.apply(*(member(t, d, i) for t, d in zip(args, in_dims))) for i in range(info.batch_size)]
+        outs = _per_member(_GradWeight.apply, info, in_dims, (grad_y, x, weight, with_bias, layout))
         return tuple(torch.stack(parts) for parts in zip(*outs)), (0, 0)
 
 
