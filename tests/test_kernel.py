@@ -237,6 +237,66 @@ def test_corrupt_cached_kernel_is_rebuilt_with_a_warning(corrupt, isolated_home,
     _check_kernel(loaded, ref_grads, close)
 
 
+def _saved_entry(isolated_home):
+    spec, target = _spec_for_cache(), cpu_target()
+    choice = default_choice(spec, target)
+    KernelCache().get(spec, target, choice)  # builds and saves
+    (meta,) = list(isolated_home.rglob("*.json"))
+    return spec, target, choice, str(meta)[: -len(".json")]
+
+
+@pytest.mark.parametrize("tamper", ["another-library", "row-tile", "symlink", "foreign-owner", "key"])
+def test_tampered_cache_entry_is_never_loaded(tamper, isolated_home, caplog, ref_grads, close):
+    """Whatever was changed after the entry was written, the kernel is rebuilt, not loaded."""
+    spec, target, choice, stem = _saved_entry(isolated_home)
+    meta_path = f"{stem}.json"
+    meta = json.loads(open(meta_path).read())
+    if tamper == "another-library":  # a valid library, of another kernel
+        other = OpSpec("forward", 3, 3, 5, layout="last", bias=False)
+        KernelCache().get(other, target, default_choice(other, target))
+        (other_meta,) = [m for m in isolated_home.rglob("*.json") if str(m) != meta_path]
+        os.remove(f"{stem}-main.so")
+        os.link(str(other_meta)[: -len(".json")] + "-main.so", f"{stem}-main.so")
+    elif tamper == "row-tile":
+        meta["row_tile"] = 1 if meta["row_tile"] != 1 else 8
+        open(meta_path, "w").write(json.dumps(meta))
+    elif tamper == "symlink":
+        os.rename(f"{stem}-main.so", f"{stem}-elsewhere.so")
+        os.symlink(f"{stem}-elsewhere.so", f"{stem}-main.so")
+    elif tamper == "foreign-owner":
+        if os.getuid() != 0:
+            pytest.skip("only root can give a file to another user")
+        os.chown(f"{stem}-main.so", 12345, 12345)
+    else:
+        meta["key"] = "another target|another schedule"
+        open(meta_path, "w").write(json.dumps(meta))
+    built = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernel_mod, "build_kernel", lambda *a, **k: built.append(1) or build_kernel(*a, **k))
+        with caplog.at_level(logging.WARNING, logger="tvmgroup.kernel"):
+            kernel = KernelCache().get(spec, target, choice)
+    assert built == [1], "the tampered entry was loaded"
+    assert any("unusable cached kernel" in r.getMessage() for r in caplog.records), caplog.text
+    _check_kernel(kernel, ref_grads, close)
+
+
+def test_cache_shared_with_others_is_not_used(isolated_home, ref_grads, close):
+    """A cache directory others can write to: kernels are built and kept in memory only."""
+    spec, target, choice, stem = _saved_entry(isolated_home)
+    os.chmod(os.path.dirname(stem), 0o777)
+    cache = KernelCache()
+    with pytest.warns(UserWarning, match="writable by others"):
+        kernel = cache.get(spec, target, choice)
+    _check_kernel(kernel, ref_grads, close)
+
+
+def test_saving_leaves_no_temporary_files(isolated_home):
+    _saved_entry(isolated_home)
+    names = sorted(p.name for p in isolated_home.rglob("*") if p.is_file())
+    assert all(n.endswith((".so", ".json", ".lock")) for n in names), names
+    assert not [p for p in isolated_home.rglob(".tmp-*")]
+
+
 def _refuse_to_build(*args, **kwargs):
     raise AssertionError("compiled although a valid cached kernel was on disk")
 

@@ -29,6 +29,7 @@ import tvm
 from filelock import FileLock
 from tvm import s_tir
 
+from tvmgroup import cache_files
 from tvmgroup.choice import ScheduleChoice, ScheduleFn
 from tvmgroup.compute import OpSpec, ir_module
 from tvmgroup.paths import kernel_cache_dir
@@ -161,6 +162,16 @@ def _compile(spec: OpSpec, target: tvm.target.Target, apply: ScheduleFn) -> tupl
     return tvm.compile(sch.mod, target=target), row_tile_of(sch.mod)
 
 
+def expected_row_tile(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, serial: bool) -> int:
+    """The row tile ``choice`` gives ``spec`` (the schedule applied, nothing compiled): what a
+    cached kernel's recorded tile must be."""
+    family = family_of(target)
+    sch = s_tir.Schedule(ir_module(spec))
+    with family.serial_loops() if serial else contextlib.nullcontext():
+        choice.apply(sch)
+    return row_tile_of(sch.mod)
+
+
 def build_kernel(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, serial: bool = False) -> Kernel:
     """Compiles ``spec`` for ``target`` with ``choice`` (and its tail kernel, if it needs one).
 
@@ -184,8 +195,10 @@ class KernelCache:
     """Kernels by (spec, target, schedule): in this process, and as shared libraries on disk.
 
     The disk copy lets a second process skip compilation. It is keyed by the TVM version,
-    the target and the schedule's fingerprint, written atomically under a file lock, and
-    any file that fails to load is rebuilt.
+    the target and the schedule's fingerprint, and written under a file lock. Loading runs a
+    library's code, so an entry loads only after the checks of :mod:`tvmgroup.cache_files`
+    (private directories, owned plain files, SHA-256 recorded at write time), for the same
+    key, with the row tile the schedule gives; any other entry is deleted and rebuilt.
     """
 
     def __init__(self) -> None:
@@ -207,7 +220,7 @@ class KernelCache:
             return kernel
 
     def _paths(self, spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, target_text: str, serial: bool) -> Path:
-        key = f"{target_text}|{choice.fingerprint}|{code_fingerprint()}" + ("|serial" if serial else "")
+        key = self._key(target_text, choice, serial)
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return kernel_cache_dir() / tvm.__version__ / target_key(target) / f"{spec.key}-{digest}"
 
@@ -217,53 +230,70 @@ class KernelCache:
         stem = self._paths(spec, target, choice, target_text, serial)
         lock = FileLock(str(stem) + ".lock")
         try:
-            stem.parent.mkdir(parents=True, exist_ok=True)
+            cache_files.make_private_dirs(kernel_cache_dir(), stem.parent)
             lock.acquire()
-        except OSError as err:  # a read-only or full home: kernels live in this process only
+        except OSError as err:  # read-only, full, or not private to this user: memory only
             if not self._warned_unwritable:
                 self._warned_unwritable = True
                 warnings.warn(
                     f"tvmgroup: cannot use the kernel cache in {stem.parent} ({err}); compiled kernels "
-                    "are kept in memory only (set TVMGROUP_HOME to a writable directory)",
+                    "are kept in memory only (set TVMGROUP_HOME to a private, writable directory)",
                     stacklevel=4,
                 )
             return build_kernel(spec, target, choice, serial)
         try:
-            kernel = self._load(spec, target, choice, stem, serial)
+            key = self._key(target_text, choice, serial)
+            kernel = self._load(spec, target, choice, stem, serial, key)
             if kernel is not None:
                 return kernel
             kernel = build_kernel(spec, target, choice, serial)
-            self._save(kernel, stem)
+            self._save(kernel, stem, key)
             return kernel
         finally:
             lock.release()
 
     @staticmethod
-    def _load(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, stem: Path, serial: bool) -> Kernel | None:
+    def _key(target_text: str, choice: ScheduleChoice, serial: bool) -> str:
+        return f"{target_text}|{choice.fingerprint}|{code_fingerprint()}" + ("|serial" if serial else "")
+
+    @staticmethod
+    def _load(spec, target, choice, stem: Path, serial: bool, key: str) -> Kernel | None:
+        """The cached kernel at ``stem`` after every check, or None (missing; or unusable:
+        then deleted, to be rebuilt)."""
         meta_path = stem.with_suffix(".json")
-        if not meta_path.exists():
+        if not os.path.lexists(meta_path):
             return None
         try:
-            meta = json.loads(meta_path.read_text())
-            main = tvm.runtime.load_module(str(stem) + "-main.so")
-            tail = tvm.runtime.load_module(str(stem) + "-tail.so") if meta["row_tile"] > 1 else None
-            return Kernel(spec, choice, main, int(meta["row_tile"]), tail, target, serial)
-        except Exception as err:  # a corrupt or foreign file: rebuild it
+            meta = json.loads(cache_files.owned_file(meta_path).read_text())
+            if meta.get("key") != key or meta.get("spec") != spec.key:
+                raise ValueError("its metadata is for another kernel")
+            row_tile = meta.get("row_tile")
+            expected = expected_row_tile(spec, target, choice, serial)
+            if row_tile != expected:
+                raise ValueError(f"row tile {row_tile!r} recorded, the schedule's is {expected}")
+            parts = ["main"] + (["tail"] if row_tile > 1 else [])
+            modules = {
+                part: tvm.runtime.load_module(str(cache_files.checked_file(Path(f"{stem}-{part}.so"), meta["sha256"][part])))
+                for part in parts
+            }
+            return Kernel(spec, choice, modules["main"], row_tile, modules.get("tail"), target, serial)
+        except Exception as err:  # corrupt, foreign, tampered: never loaded, rebuilt
             log.warning("tvmgroup: ignoring unusable cached kernel %s (%s); rebuilding", stem, err)
+            cache_files.remove_entry(stem, [".json", "-main.so", "-tail.so"])
             return None
 
     @staticmethod
-    def _save(kernel: Kernel, stem: Path) -> None:
+    def _save(kernel: Kernel, stem: Path, key: str) -> None:
         try:
             parts = [("main", kernel.main)] + ([("tail", kernel.tail)] if kernel.tail is not None else [])
-            for name, module in parts:
-                tmp = f"{stem}-{name}.tmp{os.getpid()}.so"
-                module.export_library(tmp)
-                os.replace(tmp, f"{stem}-{name}.so")
-            tmp_meta = stem.with_suffix(f".tmp{os.getpid()}")
-            tmp_meta.write_text(json.dumps({"row_tile": kernel.row_tile, "spec": kernel.spec.key}))
-            os.replace(tmp_meta, stem.with_suffix(".json"))
-        except Exception as err:  # no C compiler, read-only home: work without the disk cache
+            with cache_files.private_workdir(stem.parent) as work:
+                sha256 = {
+                    name: cache_files.publish(work, f"{name}.so", Path(f"{stem}-{name}.so"), module.export_library)
+                    for name, module in parts
+                }
+                meta = {"key": key, "spec": kernel.spec.key, "row_tile": kernel.row_tile, "sha256": sha256}
+                cache_files.write_json(work, stem.with_suffix(".json"), meta)  # last: the entry is complete
+        except Exception as err:  # no C compiler, disk full: work without the disk cache
             warnings.warn(f"tvmgroup: could not save compiled kernel to {stem}: {err}", stacklevel=3)
 
 
