@@ -239,32 +239,27 @@ def _no_double_backward(*_):
     )
 
 
-class _GradInput(torch.autograd.Function):
-    """grad_input where the backward pass is itself recorded: differentiating it raises."""
-
-    forward = staticmethod(grad_input)
+class _InRecordedBackward(torch.autograd.Function):
+    """A backward op inside a recorded backward pass (create_graph=True, torch.func.grad):
+    differentiating it raises instead of dropping the term."""
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         pass
 
     backward = staticmethod(_no_double_backward)
+
+
+class _GradInput(_InRecordedBackward):
+    forward = staticmethod(grad_input)
 
     @staticmethod
     def vmap(info, in_dims, grad_y: Tensor, weight: Tensor, layout: str):
         return _vmap_rows_or_members(_GradInput.apply, info, in_dims, (grad_y, weight, layout))
 
 
-class _GradWeight(torch.autograd.Function):
-    """grad_weight where the backward pass is itself recorded: differentiating it raises."""
-
+class _GradWeight(_InRecordedBackward):
     forward = staticmethod(grad_weight)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    backward = staticmethod(_no_double_backward)
 
     @staticmethod
     def vmap(info, in_dims, grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str):
