@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,8 +15,8 @@ SCRIPT = textwrap.dedent(
     import os, sys, torch
     from tvmgroup import GroupedLinear
     torch.manual_seed(0)
-    layer = GroupedLinear(4, 8, 8)
-    X = torch.randn(8, 64, 32)
+    layer = GroupedLinear(4, 64, 64)  # large enough for the parallel (not the serial) build
+    X = torch.randn(8, 256, 256)
 
     def ref(x):
         g, o, k = layer.weight.shape
@@ -55,13 +56,27 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def _run_in_own_group(args: list[str], env: dict, timeout: float) -> tuple[int, str, str]:
+    """Runs ``args``; on timeout kills its whole process group, so that a hung forked child
+    (the failure this file tests for) cannot outlive the test and spin on a core."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s (a forked child hung?): {err[-2000:]}")
+    return proc.returncode, out, err
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 @pytest.mark.parametrize("how", ["fork", "dataloader"])
 def test_forked_children_run_the_layer(how):
     env = dict(os.environ, TVM_NUM_THREADS="2", TVMGROUP_QUIET="1")
-    out = subprocess.run([sys.executable, "-c", SCRIPT, how], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "OK 2"  # the parent kept its threads
+    code, out, err = _run_in_own_group([sys.executable, "-c", SCRIPT, how], env, timeout=300)
+    assert code == 0, err[-2000:]
+    assert out.strip().splitlines()[-1] == "OK 2"  # the parent kept its threads
 
 
 @pytest.mark.parametrize("preset", [None, "1"])
