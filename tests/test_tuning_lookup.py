@@ -170,7 +170,7 @@ def test_tensor_core_default_that_fails_its_check_falls_back_to_simt(monkeypatch
     spec = OpSpec("forward", 2, 8, 8, dtype="float16")
     target = cuda_target("sm_90")
     built = []
-    monkeypatch.setattr(lookup.KERNELS, "get", lambda spec, target, choice: built.append(choice) or choice)
+    monkeypatch.setattr(lookup.KERNELS, "get", lambda spec, target, choice, serial=False: built.append(choice) or choice)
     seen = []
 
     def wrong(kernel, seed=0):
@@ -188,7 +188,7 @@ def test_tensor_core_default_that_fails_its_check_falls_back_to_simt(monkeypatch
 
 
 def test_float32_cuda_default_is_not_checked(monkeypatch):
-    monkeypatch.setattr(lookup.KERNELS, "get", lambda spec, target, choice: choice)
+    monkeypatch.setattr(lookup.KERNELS, "get", lambda spec, target, choice, serial=False: choice)
     monkeypatch.setattr(lookup, "check_kernel", lambda *a, **k: pytest.fail("checked"))
     with pytest.warns(UntunedShapeWarning):
         assert lookup.kernel_for(SPEC, cuda_target("sm_90")).fingerprint == "default"
@@ -254,3 +254,16 @@ def test_random_bytes_in_a_log_are_skipped(capsys):
     _expect_fallback("no successfully measured record")
     assert cli.main(["logs"]) == 0
     assert SPEC.key in capsys.readouterr().out
+
+
+def test_a_small_call_compiles_only_the_serial_build():
+    import torch
+
+    from tvmgroup.kernel import KERNELS
+    from tvmgroup.target import target_json
+
+    weight = torch.empty(3, 16, 8)  # a shape no other test uses
+    kernel = lookup.kernel_for_call("forward", weight, "last", True, torch.device("cpu"), rows=4)
+    assert kernel.serial
+    built = {key[3] for key in KERNELS._kernels if key[0] == kernel.spec and key[1] == target_json(cpu_target())}
+    assert built == {True}

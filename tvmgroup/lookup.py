@@ -154,24 +154,17 @@ def kernel_for_call(op: str, weight, layout: str, bias: bool, device, rows: int)
 def kernel_for(spec: OpSpec, target: tvm.target.Target, *, serial: bool = False) -> Kernel:
     """The compiled kernel for ``spec``; a tuned one is checked against float64 on first use.
 
-    ``serial``: the same schedule built without parallel loops (the check runs on the
-    parallel build, whose loop bodies are the same).
+    ``serial``: the same schedule built without parallel loops; only that build is compiled,
+    and the first-use check runs on it (its loop bodies are the parallel build's).
     """
-    kernel = _checked_kernel(spec, target)
-    if serial:
-        return KERNELS.get(spec, target, kernel.choice, serial=True)
-    return kernel
-
-
-def _checked_kernel(spec: OpSpec, target: tvm.target.Target) -> Kernel:
     while True:
         choice = resolve(spec, target)
         if choice.origin == "default":
-            return _default_kernel(spec, target, choice)
+            return _default_kernel(spec, target, choice, serial)
         if choice.fingerprint in _checked:
-            return KERNELS.get(spec, target, choice)
+            return KERNELS.get(spec, target, choice, serial=serial)
         try:
-            kernel = KERNELS.get(spec, target, choice)
+            kernel = KERNELS.get(spec, target, choice, serial=serial)
             check_kernel(kernel)
         except Exception as err:  # a schedule that fails to build or to compute: never fatal
             with _lock:
@@ -185,7 +178,7 @@ def _checked_kernel(spec: OpSpec, target: tvm.target.Target) -> Kernel:
         return kernel
 
 
-def _default_kernel(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice) -> Kernel:
+def _default_kernel(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice, serial: bool) -> Kernel:
     """The default kernel; where the family says so (tensor cores), checked on first use.
 
     Tensor-core kernels are the one default whose code path (wmma intrinsics, padding) has
@@ -193,11 +186,11 @@ def _default_kernel(spec: OpSpec, target: tvm.target.Target, choice: ScheduleCho
     """
     check_key = (spec, target_json(target), choice.fingerprint)
     if not (choice.fingerprint == "default" and spec.dtype in family_of(target).checked_default_dtypes):
-        return KERNELS.get(spec, target, choice)
+        return KERNELS.get(spec, target, choice, serial=serial)
     if check_key in _checked:
-        return KERNELS.get(spec, target, choice)
+        return KERNELS.get(spec, target, choice, serial=serial)
     try:
-        kernel = KERNELS.get(spec, target, choice)
+        kernel = KERNELS.get(spec, target, choice, serial=serial)
         check_kernel(kernel)
     except Exception as err:
         _warn_once(
@@ -208,7 +201,7 @@ def _default_kernel(spec: OpSpec, target: tvm.target.Target, choice: ScheduleCho
         fallback = simt_choice(spec, target, note=f"tensor-core kernel failed: {err}")
         with _lock:
             _resolved[(spec, target_json(target))] = fallback
-        return KERNELS.get(spec, target, fallback)
+        return KERNELS.get(spec, target, fallback, serial=serial)
     with _lock:
         _checked.add(check_key)
     return kernel
