@@ -247,7 +247,10 @@ class KernelCache:
             if kernel is not None:
                 return kernel
             kernel = build_kernel(spec, target, choice, serial)
-            self._save(kernel, stem, key)
+            if self._save(kernel, stem, key):
+                # Run the saved library: a loaded file's parallel loops can go to torch's
+                # threads (tvmgroup.parallel); the in-memory build keeps TVM's pool.
+                kernel = self._load(spec, target, choice, stem, serial, key) or kernel
             return kernel
         finally:
             lock.release()
@@ -272,10 +275,12 @@ class KernelCache:
             if row_tile != expected:
                 raise ValueError(f"row tile {row_tile!r} recorded, the schedule's is {expected}")
             parts = ["main"] + (["tail"] if row_tile > 1 else [])
-            modules = {
-                part: tvm.runtime.load_module(str(cache_files.checked_file(Path(f"{stem}-{part}.so"), meta["sha256"][part])))
-                for part in parts
-            }
+            modules = {}
+            for part in parts:
+                path = cache_files.checked_file(Path(f"{stem}-{part}.so"), meta["sha256"][part])
+                modules[part] = tvm.runtime.load_module(str(path))
+                if family_of(target).on_load is not None:
+                    family_of(target).on_load(path)
             return Kernel(spec, choice, modules["main"], row_tile, modules.get("tail"), target, serial)
         except Exception as err:  # corrupt, foreign, tampered: never loaded, rebuilt
             log.warning("tvmgroup: ignoring unusable cached kernel %s (%s); rebuilding", stem, err)
@@ -283,7 +288,8 @@ class KernelCache:
             return None
 
     @staticmethod
-    def _save(kernel: Kernel, stem: Path, key: str) -> None:
+    def _save(kernel: Kernel, stem: Path, key: str) -> bool:
+        """Writes ``kernel`` to the entry at ``stem``; False (with a warning) if it cannot."""
         try:
             parts = [("main", kernel.main)] + ([("tail", kernel.tail)] if kernel.tail is not None else [])
             with cache_files.private_workdir(stem.parent) as work:
@@ -293,8 +299,10 @@ class KernelCache:
                 }
                 meta = {"key": key, "spec": kernel.spec.key, "row_tile": kernel.row_tile, "sha256": sha256}
                 cache_files.write_json(work, stem.with_suffix(".json"), meta)  # last: the entry is complete
+            return True
         except Exception as err:  # no C compiler, disk full: work without the disk cache
             warnings.warn(f"tvmgroup: could not save compiled kernel to {stem}: {err}", stacklevel=3)
+            return False
 
 
 KERNELS = KernelCache()

@@ -17,6 +17,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
@@ -66,6 +67,12 @@ def _cuda_stream(device: torch.device) -> ContextManager:
     return stack
 
 
+def _use_shared_pool(path: Path) -> bool:
+    from tvmgroup.parallel import use_shared_pool
+
+    return use_shared_pool(path)
+
+
 @dataclass(frozen=True)
 class TargetFamily:
     """One kind of device: its targets, dtypes, template and launch context."""
@@ -86,6 +93,9 @@ class TargetFamily:
     # ``serial_loops()`` (no parallel loops): waking a thread pool costs more than their work.
     serial_loops: Callable[[], ContextManager] | None = None
     serial_below: int = 0
+    # Called with the path of each kernel library loaded from the disk cache (CPU: its
+    # parallel loops go to torch's OpenMP threads, see tvmgroup.parallel).
+    on_load: Callable[[Path], object] | None = None
 
     def key(self, target: tvm.target.Target) -> str:
         return f"{self.kind}-{target.attrs.get(self.key_attr, 'generic')}"
@@ -106,7 +116,7 @@ FAMILIES: dict[str, TargetFamily] = {
     "llvm": TargetFamily(
         "llvm", ("llvm", "cpu"), "cpu", (torch.float32,), _cpu_target_for, "mcpu",
         row_multiple=CPU_ROW_MULTIPLE, logs_cross_targets=True, multi_core=True,
-        serial_loops=serial_loops, serial_below=1 << 16,
+        serial_loops=serial_loops, serial_below=1 << 16, on_load=_use_shared_pool,
     ),
     "cuda": TargetFamily(
         "cuda", ("cuda",), "cuda", (torch.float32, torch.float16, torch.bfloat16), cuda_target, "arch",

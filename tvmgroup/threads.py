@@ -5,6 +5,9 @@ per core), so on a machine or VM without them the layer used half the cores torc
 Unless ``TVM_NUM_THREADS`` is set, it is set to ``torch.get_num_threads()`` before the pool
 starts (the first parallel kernel): both libraries use the same cores.
 
+Where kernels run on torch's OpenMP threads instead (:mod:`tvmgroup.parallel`, the usual
+case), this pool is not started; ``TVM_NUM_THREADS`` set by the user still caps the team.
+
 Forked children:
 TVM keeps its worker pool in a thread-local object whose threads do not survive ``fork()``:
 a child (a ``DataLoader`` worker, a ``multiprocessing`` fork) that runs a parallel kernel
@@ -19,6 +22,14 @@ from __future__ import annotations
 import os
 
 _installed = False
+# TVM_NUM_THREADS as the user set it before tvmgroup set it (None: not set, or not a count).
+_USER_NUM_THREADS = os.environ.get("TVM_NUM_THREADS")
+
+
+def user_num_threads() -> int | None:
+    """The thread count the user asked TVM for with ``TVM_NUM_THREADS``, if any."""
+    value = _USER_NUM_THREADS
+    return int(value) if value is not None and value.strip().isdigit() and int(value) > 0 else None
 
 
 def _serial_in_child() -> None:

@@ -83,7 +83,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where to run (default cpu; cuda: GPU benchmarking is not available yet)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
+    p.add_argument("--models", action="store_true",
+                   help="time small model stacks instead of single layers: grouped K->H, ReLU, LayerNorm, "
+                        "grouped H->K, forward and forward+backward (formulations that take (N, G*K) only); "
+                        "writes models.txt and models.json")
+    p.add_argument("--model-shape", type=_model_shape_arg, action="append", metavar="N,G,K,H",
+                   help="a stack to time with --models (repeatable); replaces the default stacks")
     p.set_defaults(run=run)
+
+
+def _model_shape_arg(text: str):
+    from tvmgroup.bench.models import parse_model_shape
+
+    try:
+        return parse_model_shape(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
 
     info = machine_info(args.threads, args.device)
+    if args.models or args.model_shape:
+        return _run_models(args, chosen, settings, timer, info)
     options = {
         "shapes": [s.short for s in shapes], "formulations": [f.name for f in chosen],
         "quick": args.quick, "warmup": settings.warmup, "repeats": settings.repeats,
@@ -146,3 +163,43 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nwrote {', '.join(str(args.output / name) for name in written)}")
     wrong = [(s.shape.short, r.name) for s in shape_results for r in s.results if r.status == "wrong"]
     return 1 if wrong else 0
+
+
+def _run_models(args, chosen, settings, timer, info) -> int:
+    """``--models``: the stacks of :mod:`tvmgroup.bench.models`, one table each."""
+    import json
+    import sys
+
+    from tqdm import tqdm
+
+    from tvmgroup.bench.models import DEFAULT_MODELS, format_models, models_to_json, run_model
+
+    if args.shape:
+        raise ValueError("--shape times single layers; with --models give stacks as --model-shape N,G,K,H")
+    formulations = [f for f in chosen if f.layout == "last"]
+    if args.formulations and len(formulations) != len(chosen):
+        left_out = ", ".join(f.name for f in chosen if f.layout != "last")
+        raise ValueError(f"--models: {left_out} take another input layout and cannot run in a stack")
+    shapes = list(args.model_shape or DEFAULT_MODELS)
+    results = []
+    with tqdm(total=len(shapes) * len(formulations), desc="bench --models", unit="stack", file=sys.stderr,
+              dynamic_ncols=True, mininterval=1.0) as bar:
+        for shape in shapes:
+            def done(result, shape=shape) -> None:
+                if result.status in ("wrong", "failed"):
+                    bar.write(f"stack {shape.label} {result.name}: {result.status.upper()}: {result.message}")
+                bar.update()
+
+            results.append(run_model(shape, formulations, settings, timer, on_done=done))
+    head = (f"{info['cpu_model']}, {info['cpu_count']} cores, {info['threads']} threads; torch {info['torch']}, "
+            f"tvm {info['tvm']}; float32, median of timed calls; GFLOP/s counts the two grouped layers\n\n")
+    text = head + format_models(results)
+    print(text, end="")
+    (args.output / "models.txt").write_text(text)
+    data = {"machine": info, "options": {"models": [s.short for s in shapes], "warmup": settings.warmup,
+                                         "repeats": settings.repeats, "threads": args.threads, "seed": args.seed,
+                                         "formulations": [f.name for f in formulations]},
+            "models": models_to_json(results)}
+    (args.output / "models.json").write_text(json.dumps(data, indent=2) + "\n")
+    print(f"\nwrote {args.output / 'models.txt'}, {args.output / 'models.json'}")
+    return 1 if any(r.status == "wrong" for m in results for r in m.results) else 0
