@@ -140,3 +140,20 @@ def test_tiny_run_writes_json_and_png(tmp_path, capsys):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "bench.txt").read_text() == table.split("\nwrote ")[0]
     assert "| **tvmgroup** |" in (out / "bench.md").read_text()
+
+
+def test_conv_layout_run_times_conv_formulations(tmp_path, capsys):
+    code = main(["bench", "--layout", "conv", "--shape", "64,4,8,8", "--repeats", "1", "--warmup", "0",
+                 "--output", str(tmp_path), "--no-chart"])
+    assert code == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    (shape,) = data["shapes"]
+    assert [r["name"] for r in shape["results"]] == ["conv1d", "matmul-conv", "tvmgroup-conv"]
+    assert all(r["status"] == "ok" for r in shape["results"])
+    assert shape["tvmgroup_speedup"]["forward"]["best_pytorch"] in {"conv1d", "matmul-conv"}
+    assert data["options"]["layout"] == "conv"
+
+
+def test_default_selection_follows_layout():
+    assert [f.name for f in registry.select(None)] == list(registry.BY_LAYOUT["last"])
+    assert {f.layout for f in registry.select(None, "conv")} == {"conv"}

@@ -5,7 +5,8 @@ compute the same ``y[n, g, :] = x[n, g, :] @ weight[g].T + bias[g]``. Each owns 
 its parameters (so gradients land on them) and reports its gradients in the common
 ``(G, O, K)`` / ``(G, O)`` form for the correctness check.
 
-Inputs come in one of two layouts: ``"last"``, ``x`` is ``(N, G*K)`` and ``y`` is ``(N, G*O)``
+Inputs come in one of two layouts (``tvmgroup bench --layout`` picks the set of
+formulations, :data:`BY_LAYOUT`): ``"last"``, ``x`` is ``(N, G*K)`` and ``y`` is ``(N, G*O)``
 (features last, as for ``nn.Linear``); ``"conv"``, ``x`` is ``(1, G*K, N)`` and ``y`` is
 ``(1, G*O, N)`` (channels first, the natural ``nn.Conv1d`` layout: N is its length axis).
 """
@@ -201,6 +202,29 @@ class TvmGroup(Instance):
         return self.layer.weight.grad, self.layer.bias.grad
 
 
+class TvmGroupConv(TvmGroup):
+    """``tvmgroup.GroupedLinear(layout="conv")`` on ``(1, G*K, N)``, as ``nn.Conv1d`` takes it."""
+
+    def __init__(self, weight: Tensor, bias: Tensor) -> None:
+        from tvmgroup import GroupedLinear
+
+        groups, out_features, in_features = weight.shape
+        self.layer = GroupedLinear(groups, in_features, out_features, layout="conv")
+        with torch.no_grad():
+            self.layer.weight.copy_(weight)
+            self.layer.bias.copy_(bias)
+
+
+class MatmulConv(Combined):
+    """``torch.matmul`` of ``W (G, O, K)`` with the input viewed as ``(B, G, K, L)``, + bias."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        groups, out_features, in_features = self.weight.shape
+        b, _, length = x.shape
+        y = torch.matmul(self.weight, x.view(b, groups, in_features, length)) + self.bias.unsqueeze(-1)
+        return y.view(b, groups * out_features, length)
+
+
 # -- the registry ------------------------------------------------------------------------------
 
 
@@ -237,14 +261,27 @@ FORMULATIONS: dict[str, Formulation] = {
         Formulation("block-diag", "F.linear with the dense torch.block_diag weight", BlockDiag,
                     fits=_dense_fits),
         Formulation("tvmgroup", "tvmgroup.GroupedLinear(layout='last')", TvmGroup, is_tvmgroup=True),
+        Formulation("matmul-conv", "torch.matmul of W (G,O,K) with x viewed (1, G, K, N), + bias",
+                    MatmulConv, layout="conv"),
+        Formulation("tvmgroup-conv", "tvmgroup.GroupedLinear(layout='conv') on (1, G*K, N)", TvmGroupConv,
+                    layout="conv", is_tvmgroup=True),
     )
 }
 
+# What a run times for each input layout (``tvmgroup bench --layout``): the "last" run keeps
+# nn.Conv1d as a PyTorch formulation of the same layer; the "conv" run times everything on
+# the channels-first (1, G*K, N) input.
+BY_LAYOUT: dict[str, tuple[str, ...]] = {
+    "last": ("linear-loop", "conv1d", "bmm", "einsum", "vmap", "compile-bmm", "block-diag", "tvmgroup"),
+    "conv": ("conv1d", "matmul-conv", "tvmgroup-conv"),
+}
 
-def select(names: str | None) -> list[Formulation]:
-    """The formulations named in a comma-separated list (all of them for None), registry order."""
+
+def select(names: str | None, layout: str = "last") -> list[Formulation]:
+    """The formulations named in a comma-separated list (for None, those of the ``layout``
+    run, :data:`BY_LAYOUT`), in registry order."""
     if names is None:
-        return list(FORMULATIONS.values())
+        return [f for name, f in FORMULATIONS.items() if name in BY_LAYOUT[layout]]
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in FORMULATIONS]
     if unknown or not wanted:

@@ -145,10 +145,10 @@ def time_formulation(inst: Instance, layout: str, buffers: list[tuple[Tensor, Te
     return forward_timing, backward_timing
 
 
-def schedule_origins(shape: Shape) -> str:
+def schedule_origins(shape: Shape, layout: str = "last") -> str:
     """Where tvmgroup's three kernels for ``shape`` come from: "default" or a tuning log."""
     origins = {
-        op: schedule_info(op, shape.groups, shape.in_features, shape.out_features)["origin"]
+        op: schedule_info(op, shape.groups, shape.in_features, shape.out_features, layout=layout)["origin"]
         for op in ("forward", "grad_input", "grad_weight")
     }
     if len(set(origins.values())) == 1:
@@ -172,7 +172,7 @@ def run_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias
             inst = formulation.build(weight, bias)
             result.errors = check(inst, formulation, *buffers[0], ref)
         if formulation.is_tvmgroup:
-            result.message = schedule_origins(shape)
+            result.message = schedule_origins(shape, formulation.layout)
     except Exception as err:  # a formulation that cannot run here is reported, not fatal
         result.status = "failed"
         result.message = f"{type(err).__name__}: {err}".strip().splitlines()[0][:500]

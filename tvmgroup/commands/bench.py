@@ -74,7 +74,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=positive, help="timed calls per measurement (overrides --quick)")
     p.add_argument("--warmup", type=non_negative, help="untimed calls before timing (overrides --quick)")
     p.add_argument("--formulations", metavar="NAME[,NAME...]",
-                   help=f"only these formulations (default all: {','.join(FORMULATIONS)})")
+                   help="only these formulations (default: those of --layout; all: "
+                        f"{','.join(FORMULATIONS)})")
+    p.add_argument("--layout", choices=("last", "conv"), default="last",
+                   help="input layout of the default formulations: last, (N, G*K) (default; nn.Conv1d "
+                        "runs on its own layout beside them); conv, (1, G*K, N): nn.Conv1d, torch.matmul "
+                        "of (1, G, K, N) and tvmgroup's conv layout")
     p.add_argument("--threads", type=positive, default=os.cpu_count() or 1,
                    help="threads for PyTorch and TVM (default: os.cpu_count() = %(default)s)")
     p.add_argument("--output", type=Path, default=Path("bench-results"), metavar="DIR",
@@ -114,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA GPU found, and GPU benchmarking is not available yet")
     timer = timer_for(args.device)
-    chosen = registry.select(args.formulations)
+    chosen = registry.select(args.formulations, args.layout)
     shapes = list(args.shape or DEFAULT_SHAPES)
     preset = QUICK if args.quick else FULL
     settings = Settings(
@@ -133,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     options = {
         "shapes": [s.short for s in shapes], "formulations": [f.name for f in chosen],
         "quick": args.quick, "warmup": settings.warmup, "repeats": settings.repeats,
-        "buffers": settings.buffers, "threads": args.threads, "seed": args.seed,
+        "buffers": settings.buffers, "threads": args.threads, "seed": args.seed, "layout": args.layout,
     }
     with tqdm(total=1 + len(shapes) * len(chosen), desc="bench", unit="step", file=sys.stderr,
               dynamic_ncols=True, mininterval=1.0) as bar:
