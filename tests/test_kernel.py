@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 
+from conftest import assert_close
 from tvmgroup import kernel as kernel_mod
 from tvmgroup.compute import OpSpec
 from tvmgroup.choice import default_choice
@@ -339,3 +340,72 @@ def test_kernel_cache_clear_forgets_kernels():
 
 def test_global_cache_is_a_kernel_cache():
     assert isinstance(KERNELS, KernelCache)
+
+
+# -- tensors past 32-bit indexing ---------------------------------------------------------------
+
+
+def test_kernels_index_with_32_bit_integers():
+    """Why large tensors are chunked: the kernels' row extent (and so every index) is int32."""
+    from tvmgroup.layouts import layout_of
+
+    for layout in ("last", "conv"):
+        dims = [d for d in layout_of(layout).row_dims(None) if not isinstance(d, int)]
+        assert dims and all(str(d.ty) == "int32" for d in dims)
+
+
+@pytest.mark.parametrize("layout", ["last", "conv"])
+def test_tensors_past_the_index_limit_run_in_chunks(monkeypatch, layout, ref_grads):
+    from tvmgroup import ops
+
+    calls = []
+    fitting = Kernel._call_fitting
+    monkeypatch.setattr(Kernel, "_call_fitting", lambda self, *a: (calls.append(a[0].shape[0]), fitting(self, *a))[1])
+    monkeypatch.setattr(kernel_mod, "MAX_KERNEL_ELEMENTS", 1000)  # ~1000 / (G * 5) rows per call
+    # "last": 203 rows; "conv": 41 batch items of length 8 (the chunks split the batch)
+    def shape(features):
+        return (203, G, features) if layout == "last" else (41, G, features, 8)
+
+    x, grad_y = torch.randn(shape(K)), torch.randn(shape(O))
+    weight, bias = torch.randn(G, O, K), torch.randn(G, O)
+    ux, ugy = _user(x, layout), _user(grad_y, layout)
+    got = {
+        "y": ops.forward(ux, weight, bias, layout),
+        "x": ops.grad_input(ugy, weight, layout),
+        **dict(zip(("weight", "bias"), ops.grad_weight(ugy, ux, weight, True, layout))),
+    }
+    assert len(calls) > 3 * 3  # each op in several calls
+    want = _expect(x, weight, bias, grad_y, layout, ref_grads)
+    for name, value in got.items():
+        ref, mag, depth = want[name]
+        assert_close(value, ref, mag, depth, name)
+
+
+def test_a_row_past_the_index_limit_is_a_clear_error(monkeypatch):
+    from tvmgroup import ops
+
+    monkeypatch.setattr(kernel_mod, "MAX_KERNEL_ELEMENTS", 10)
+    with pytest.raises(ValueError, match="one row holds 15 elements"):
+        ops.forward(torch.randn(4, G * K), torch.randn(G, O, K), None, "last")
+
+
+@pytest.mark.slow
+def test_input_of_over_2_31_elements_forward():
+    """N = 2**20 + 64 rows, G = 2, K = 1024: x has more than 2**31 elements (8.6 GB)."""
+    psutil = pytest.importorskip("psutil")
+    if psutil.virtual_memory().available < 14 * 2**30:
+        pytest.skip("needs 14 GiB of free memory")
+    from tvmgroup import ops
+
+    n, g, k = 2**20 + 64, 2, 1024
+    gen = torch.Generator().manual_seed(0)
+    x = torch.empty(n, g * k)
+    for start in range(0, n, 1 << 16):
+        x[start:start + (1 << 16)].normal_(generator=gen)
+    weight, bias = torch.randn(g, 1, k), torch.randn(g, 1)
+    y = ops.forward(x, weight, bias, "last")
+    for start in (0, 2**19, n - 1000):  # the start, the middle and the end, in float64
+        rows = x[start:start + 1000].double().view(-1, g, k)
+        want = torch.einsum("ngk,gok->ngo", rows, weight.double()) + bias.double()
+        torch.testing.assert_close(y[start:start + 1000].double(), want.reshape(-1, g), rtol=0, atol=1e-3)
+    del x

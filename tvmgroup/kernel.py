@@ -61,6 +61,13 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+# Kernels index their buffers with 32-bit integers (TVM's default index type, and what keeps
+# the micro-kernel's address arithmetic cheap): a call touches at most this many elements of
+# any tensor, and larger tensors run in chunks (``Kernel._call_in_chunks``). The margin below
+# 2**31 covers extents that schedules round up to whole tiles.
+MAX_KERNEL_ELEMENTS = 2**31 - 2**24
+
+
 @dataclass
 class Kernel:
     """A compiled op: ``main`` for row extents that are a multiple of ``row_tile``, ``tail``
@@ -85,6 +92,45 @@ class Kernel:
 
     def __call__(self, *args: torch.Tensor) -> None:
         """Runs the op on tensors already in kernel layout (see :mod:`tvmgroup.opdefs`)."""
+        if any(t.numel() > MAX_KERNEL_ELEMENTS for t in args):
+            self._call_in_chunks(*args)
+        else:
+            self._call_fitting(*args)
+
+    def _call_in_chunks(self, *args: torch.Tensor) -> None:
+        """Tensors past 32-bit indexing run as several calls on views along the leading dim
+        (rows, or the conv layout's batch), each within it; sums over rows add up."""
+        rows_args = [t for t, arg in zip(args, self._args) if arg.role == "rows"]
+        leading = rows_args[0].shape[0]
+        per_item = max(t[0].numel() for t in rows_args)
+        if per_item > MAX_KERNEL_ELEMENTS:
+            raise ValueError(
+                f"tvmgroup: one {'batch item' if self._rows_innermost else 'row'} holds {per_item} elements; "
+                f"kernels index at most {MAX_KERNEL_ELEMENTS} per call (split the length axis)"
+            )
+        if any(t.numel() > MAX_KERNEL_ELEMENTS for t, arg in zip(args, self._args) if arg.role != "rows"):
+            raise ValueError(f"tvmgroup: a weight of over {MAX_KERNEL_ELEMENTS} elements is not supported")
+        step = MAX_KERNEL_ELEMENTS // per_item
+        if not self._rows_innermost and step >= self.row_tile:
+            step -= step % self.row_tile  # every chunk but the last without a tail call
+        partials = []
+        for start in range(0, leading, step):
+            call = []
+            for t, arg in zip(args, self._args):
+                if arg.role == "rows":
+                    call.append(t[start:start + step])
+                elif arg.summed_over_rows and start > 0:
+                    part = torch.empty_like(t)
+                    call.append(part)
+                    partials.append((t, part))
+                else:
+                    call.append(t)
+            self._call_fitting(*call)
+            for total, part in partials:
+                total.add_(part)
+            partials.clear()
+
+    def _call_fitting(self, *args: torch.Tensor) -> None:
         if self.row_tile == 1:
             self._main(*args)
         elif self._rows_innermost:
