@@ -88,7 +88,7 @@ def classification_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor)
 
 
 # ---------------------------------------------------------------------------------------------
-# timing (run by hand: see docs/performance.md for measured numbers)
+# timing (run by hand with --time; tests only check that it runs)
 
 
 def _median_seconds(step, calls: int, warmup: int) -> float:

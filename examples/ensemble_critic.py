@@ -148,7 +148,7 @@ def critic_loss(critic, state, action, target_q, eta: float = 1.0) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------
-# timing (run by hand: see docs/performance.md for measured numbers)
+# timing (run by hand with --time; tests only check that it runs)
 
 
 def _median_seconds(step, calls: int, warmup: int) -> float:

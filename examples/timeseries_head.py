@@ -104,7 +104,7 @@ def forecast_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> to
 
 
 # ---------------------------------------------------------------------------------------------
-# timing (run by hand: see docs/performance.md for measured numbers)
+# timing (run by hand with --time; tests only check that it runs)
 
 
 def _median_seconds(step, calls: int, warmup: int) -> float:
