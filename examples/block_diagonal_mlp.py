@@ -53,7 +53,7 @@ class GroupedMLP(nn.Module):
         self.layers = nn.ModuleList([GroupedLinear(blocks, i, o) for i, o in zip(sizes, sizes[1:])])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, blocks, classes)
-        h = x.repeat(1, self.blocks)  # (B, blocks*in)
+        h = x.repeat(1, self.blocks)  # (B, blocks*in); a shared-input layout would skip this copy
         for layer in self.layers[:-1]:
             h = torch.relu(layer(h))
         return self.layers[-1](h).view(x.shape[0], self.blocks, self.classes)

@@ -92,8 +92,8 @@ class GroupedCritic(nn.Module):
 
     def forward(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         x = torch.cat([state, action], dim=-1)
-        if x.dim() == 2:  # one (s, a) batch for every member: (B, F) -> (B, E*F)
-            x = x.repeat(1, self.members)
+        if x.dim() == 2:  # one (s, a) batch for every member: (B, F) -> (B, E*F), a copy per
+            x = x.repeat(1, self.members)  # member (a shared-input layout would need none)
         else:
             # (E, B, F) -> (B, E*F): the features-last layout wants the members in the last dim.
             # An ensemble-first layout would take (E, B, F) as it is, without this copy.
@@ -114,7 +114,8 @@ class GroupedCritic(nn.Module):
 
 def ported_state(critic: VectorizedCritic) -> dict[str, torch.Tensor]:
     """The original's parameters (or anything shaped like them) as the port's state dict:
-    weights ``(E, in, out) -> (E, out, in)``, biases ``(E, 1, out) -> (E, out)``."""
+    weights ``(E, in, out) -> (E, out, in)`` (a weight convention of ``(E, in, out)`` would
+    take them as they are), biases ``(E, 1, out) -> (E, out)``."""
     state = {}
     for i, layer in enumerate(critic.layers):
         state[f"layers.{i}.weight"] = layer.weight.detach().transpose(1, 2).contiguous()
