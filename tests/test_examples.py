@@ -32,7 +32,7 @@ class Case:
     port: str  # the port's class name in the module
     data: Callable  # () -> tuple of input tensors (float32)
     loss: str  # the loss function's name in the module: loss(model, *data)
-    timing: dict  # small sizes for time_forward_backward
+    timing: dict  # the same sizes for time_forward_backward (kernels already compiled)
 
 
 CASES = {
@@ -41,21 +41,21 @@ CASES = {
         port="GroupedCritic",
         data=lambda: (torch.randn(6, 5), torch.randn(6, 3), torch.randn(6)),
         loss="critic_loss",
-        timing=dict(members=2, hidden=8, batch=4, state_dim=3, action_dim=2),
+        timing=dict(members=5, hidden=16, batch=6, state_dim=5, action_dim=3),
     ),
     "timeseries_head": Case(
         original=lambda m: m.DLinear(seq_len=24, pred_len=6, channels=5, kernel_size=5),
         port="GroupedDLinear",
         data=lambda: (torch.randn(4, 24, 5), torch.randn(4, 6, 5)),
         loss="forecast_loss",
-        timing=dict(batch=2, seq_len=8, pred_len=4, channels=3),
+        timing=dict(batch=4, seq_len=24, pred_len=6, channels=5),
     ),
     "block_diagonal_mlp": Case(
         original=lambda m: m.PackedMLP(in_features=12, hidden=16, classes=5, blocks=4),
         port="GroupedMLP",
         data=lambda: (torch.randn(8, 12), torch.randint(5, (8,))),
         loss="classification_loss",
-        timing=dict(batch=4, in_features=4, hidden=8, classes=3),
+        timing=dict(batch=8, in_features=12, hidden=16, classes=5),
     ),
 }
 
