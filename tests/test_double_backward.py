@@ -144,8 +144,27 @@ def test_gradgradcheck_of_the_layer(layout):
         warnings.filterwarnings("ignore", message=".*double precision.*")
         assert torch.autograd.gradgradcheck(
             lambda x, w, b: _tvmgroup(x, w, b, layout).pow(2), (x, weight, bias),
-            eps=1e-2, atol=2e-3, rtol=2e-3, check_fwd_over_rev=True,
+            eps=1e-2, atol=2e-3, rtol=2e-3, check_fwd_over_rev=True, check_batched_grad=True,
         )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_batched_upstream_gradients(layout):
+    """torch.autograd.grad(..., is_grads_batched=True) hands the backward legacy batched
+    tensors (no storage): each member's gradients, first and second order, are right."""
+    x, weight, bias = _inputs(layout, True)
+
+    def run(leaves, f):
+        y = f(*leaves, layout)
+        v = torch.linspace(-1, 1, 3 * y.numel(), dtype=y.dtype).reshape(3, *y.shape)
+        first = torch.autograd.grad(y.pow(2), leaves, v, is_grads_batched=True, create_graph=True)
+        second = torch.autograd.grad(first[0].pow(2).sum(), leaves)
+        return (*first, *second)
+
+    leaves32 = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    leaves64 = [t.double().requires_grad_() for t in (x, weight, bias)]
+    for i, (g, w) in enumerate(zip(run(leaves32, _tvmgroup), run(leaves64, _linear64))):
+        _close(g, w, what=f"gradient {i}")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

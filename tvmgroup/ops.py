@@ -255,7 +255,7 @@ class EagerGroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        _, grad_input_fn, grad_weight_fn = _backward_fns()
+        _, grad_input_fn, grad_weight_fn = _backward_fns(grad_y)
         return _backward_pass(
             ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, grad_y, grad_input_fn, grad_weight_fn
         )
@@ -316,9 +316,14 @@ def _recording() -> bool:
     return torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
 
 
-def _backward_fns():
+def _backward_fns(*upstream: Optional[Tensor]):
     """(forward, grad_input, grad_weight) for use inside a backward pass: the differentiable
-    Functions while the pass is recorded, the bare implementations otherwise."""
+    Functions while the pass is recorded, the bare implementations otherwise. Upstream
+    gradients batched by ``torch.autograd.grad(..., is_grads_batched=True)`` (legacy batched
+    tensors, which have no storage) go through the registered ops (differentiable too), which
+    PyTorch runs once per batch member."""
+    if any(t is not None and torch._C._functorch.is_legacy_batchedtensor(t) for t in upstream):
+        return grouped_linear_op, grad_input_op, grad_weight_op
     if _recording():
         return EagerGroupedLinear.apply, _GradInput.apply, _GradWeight.apply
     return forward, grad_input, grad_weight
@@ -344,7 +349,7 @@ class _GradInput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, v: Tensor):
-        forward_fn, _, grad_weight_fn = _backward_fns()
+        forward_fn, _, grad_weight_fn = _backward_fns(v)
         return _grad_input_backward(ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, v, forward_fn, grad_weight_fn)
 
     @staticmethod
@@ -378,7 +383,7 @@ class _GradWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, u: Tensor, c: Tensor):
-        forward_fn, grad_input_fn, _ = _backward_fns()
+        forward_fn, grad_input_fn, _ = _backward_fns(u, c)
         return _grad_weight_backward(
             ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, u, c, forward_fn, grad_input_fn
         )
