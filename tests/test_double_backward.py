@@ -187,7 +187,7 @@ def test_func_grad_of_grad(layout):
         _close(g, w, what=f"grad(grad) {name}")
 
 
-def test_hessian_by_jacfwd_of_jacrev_and_func_hessian():
+def test_hessians_by_every_composition_of_jacfwd_and_jacrev():
     x, weight, bias = torch.randn(2, G * K), torch.randn(G, O, K), torch.randn(G, O)
     x64, b64 = x.double(), bias.double()
     f = lambda w: _tvmgroup(x, w, bias).tanh().sum()  # noqa: E731
@@ -195,6 +195,8 @@ def test_hessian_by_jacfwd_of_jacrev_and_func_hessian():
     want = jacfwd(jacrev(f64))(weight.double())
     _close(jacfwd(jacrev(f))(weight), want)
     _close(hessian(f)(weight), want)
+    _close(jacrev(jacrev(f))(weight), want)  # reverse over reverse
+    _close(jacfwd(jacfwd(f))(weight), want)  # forward over forward
     # and with respect to the input, the other argument of the backward ops
     g = lambda x: _tvmgroup(x, weight, bias).pow(3).sum()  # noqa: E731
     g64 = lambda x: _linear64(x, weight.double(), b64).pow(3).sum()  # noqa: E731
