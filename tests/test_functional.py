@@ -154,16 +154,20 @@ def test_expanded_weight(inputs, ref_grads, close):
     _check_forward_backward(x, weight, None, "last", ref_grads, close)
 
 
-def test_gradients_of_gradients_raise_instead_of_dropping_terms(inputs):
-    """Double backward is not supported: differentiating the backward raises a clear error."""
-    x, weight, bias = inputs(2, 4, 3, (5, 8))
-    for t in (x, weight, bias):
-        t.requires_grad_(True)
-    y = grouped_linear(x, weight, bias)
-    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-    assert gx.requires_grad
-    with pytest.raises(RuntimeError, match="gradients of gradients"):
-        gx.pow(2).sum().backward()
+def _unaligned(shape: tuple[int, ...]) -> torch.Tensor:
+    """A contiguous tensor whose data starts one element into its storage (not 64-byte
+    aligned), as a slice of stacked parameters can."""
+    n = torch.Size(shape).numel()
+    t = torch.randn(n + 1)[1:].view(shape)
+    assert t.data_ptr() % 64 != 0
+    return t
+
+
+@pytest.mark.parametrize("layout", ["last", "conv"])
+def test_unaligned_tensors(layout, ref_grads, close):
+    """Kernels assume aligned buffers: inputs that start mid-storage run on a copy."""
+    x = _unaligned((13, 15) if layout == "last" else (2, 15, 7))
+    _check_forward_backward(x, _unaligned((3, 4, 5)), _unaligned((3, 4)), layout, ref_grads, close)
 
 
 @pytest.mark.parametrize("rows", [3, 700])

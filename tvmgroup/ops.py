@@ -5,7 +5,8 @@
   by :func:`tvmgroup.lookup.kernel_for_call`. They do not check their inputs.
 * ``tvmgroup::grouped_linear`` and its backward ops: ``torch.library.custom_op`` s with fakes
   and ``register_autograd``, so the op works under ``torch.compile(fullgraph=True)``,
-  ``torch.export``, dispatch modes and function transforms.
+  ``torch.export``, dispatch modes and function transforms. The backward ops have autograd
+  too (their derivatives are calls of the same three ops), so gradients of gradients work.
 * :class:`EagerGroupedLinear`: the same autograd as a ``torch.autograd.Function`` on the
   implementations, for plain eager calls, where custom-op dispatch would cost more than a
   small layer's work. :func:`tvmgroup.functional.grouped_linear` picks between the two.
@@ -34,6 +35,16 @@ def _run(op: str, weight: Tensor, layout: str, bias: bool, rows: int, *args: Ten
         kernel(*args)
 
 
+# TVM compiles every buffer as aligned to this many bytes (its allocation alignment) and may
+# use aligned vector loads on it. A view into the middle of a tensor (a slice of stacked
+# weights, e.g. one member under ``vmap``) can start anywhere: such inputs run on a copy.
+_ALIGNMENT = 64
+
+
+def _aligned(t: Tensor) -> Tensor:
+    return t if t.data_ptr() % _ALIGNMENT == 0 else t.clone()
+
+
 # ---------------------------------------------------------------------------------------------
 # implementations
 
@@ -45,9 +56,9 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str) -> T
     y = x.new_empty(lay.out_shape(x, groups, out_features))
     if x.numel() == 0:
         return y
-    args = [lay.kernel_view(x, groups, in_features), weight.contiguous()]
+    args = [_aligned(lay.kernel_view(x, groups, in_features)), _aligned(weight.contiguous())]
     if bias is not None:
-        args.append(bias.contiguous())
+        args.append(_aligned(bias.contiguous()))
     args.append(lay.kernel_view(y, groups, out_features))
     _run("forward", weight, layout, bias is not None, x.numel() // (groups * in_features), *args)
     return y
@@ -60,9 +71,10 @@ def grad_input(grad_y: Tensor, weight: Tensor, layout: str) -> Tensor:
     grad_x = grad_y.new_empty(lay.out_shape(grad_y, groups, in_features))
     if grad_y.numel() == 0:
         return grad_x
-    dy = lay.kernel_view(grad_y, groups, out_features)
+    dy = _aligned(lay.kernel_view(grad_y, groups, out_features))
     dx = lay.kernel_view(grad_x, groups, in_features)
-    _run("grad_input", weight, layout, False, grad_y.numel() // (groups * out_features), dy, weight.contiguous(), dx)
+    rows = grad_y.numel() // (groups * out_features)
+    _run("grad_input", weight, layout, False, rows, dy, _aligned(weight.contiguous()), dx)
     return grad_x
 
 
@@ -74,7 +86,9 @@ def grad_weight(grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layo
     grad_b = weight.new_empty((groups, out_features) if with_bias else (0,))
     if grad_y.numel() == 0:
         return grad_w.zero_(), grad_b.zero_()
-    args = [lay.kernel_view(grad_y, groups, out_features), lay.kernel_view(x, groups, in_features), grad_w]
+    args = [
+        _aligned(lay.kernel_view(grad_y, groups, out_features)), _aligned(lay.kernel_view(x, groups, in_features)), grad_w
+    ]
     if with_bias:
         args.append(grad_b)
     _run("grad_weight", weight, layout, with_bias, grad_y.numel() // (groups * out_features), *args)
@@ -92,6 +106,43 @@ def _backward_pass(saved, needs_input_grad, layout: str, with_bias: bool, grad_y
         grad_w = gw if need_w else None
         grad_b = gb if (need_b and with_bias) else None
     return grad_x, grad_w, grad_b, None
+
+
+# The backward ops are bilinear too, so their derivatives are calls of the same three kernels.
+# Per group, with rows n (B and L for "conv"):
+#   grad_x[n,k]  = sum_o grad_y[n,o] W[o,k]               (grad_input)
+#   grad_W[o,k]  = sum_n grad_y[n,o] x[n,k],  grad_b[o] = sum_n grad_y[n,o]   (grad_weight)
+
+
+def _grad_input_backward(saved, needs_input_grad, layout: str, v: Tensor, forward_fn, grad_weight_fn):
+    """Gradients of grad_x = grad_input(grad_y, W) for an upstream ``v`` shaped like x:
+    dL/dgrad_y = v @ W[g].T (the forward op, no bias) and
+    dL/dW[g] = sum over rows of grad_y[g]^T v[g] (grad_weight, grad_y upstream and v as input)."""
+    grad_y, weight = saved
+    need_grad_y, need_w = needs_input_grad[:2]
+    d_grad_y = forward_fn(v, weight, None, layout) if need_grad_y else None
+    d_w = grad_weight_fn(grad_y, v, weight, False, layout)[0] if need_w else None
+    return d_grad_y, d_w, None
+
+
+def _grad_weight_backward(
+    saved, needs_input_grad, layout: str, with_bias: bool, u: Optional[Tensor], c: Optional[Tensor],
+    forward_fn, grad_input_fn,
+):
+    """Gradients of (grad_W, grad_b) = grad_weight(grad_y, x) for upstreams ``u`` (like W) and
+    ``c`` (like b): dL/dgrad_y = x @ u[g].T + c[g] (the forward op, u as weight, c as bias) and
+    dL/dx = grad_y @ u[g] (grad_input, u as weight). The weight argument only gives shapes."""
+    grad_y, x, weight = saved
+    need_grad_y, need_x = needs_input_grad[:2]
+    c = c if with_bias else None
+    if u is None and c is None:
+        return None, None, None, None, None
+    d_grad_y = d_x = None
+    if need_grad_y:
+        d_grad_y = forward_fn(x, u if u is not None else torch.zeros_like(weight), c, layout)
+    if need_x and u is not None:
+        d_x = grad_input_fn(grad_y, u, layout)
+    return d_grad_y, d_x, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +200,36 @@ def _backward(ctx, grad_y: Tensor):
 grouped_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _grad_input_setup_context(ctx, inputs, output) -> None:
+    grad_y, weight, layout = inputs
+    ctx.layout = layout
+    ctx.save_for_backward(grad_y, weight)
+
+
+def _grad_input_op_backward(ctx, v: Tensor):
+    return _grad_input_backward(
+        ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, v, grouped_linear_op, grad_weight_op
+    )
+
+
+grad_input_op.register_autograd(_grad_input_op_backward, setup_context=_grad_input_setup_context)
+
+
+def _grad_weight_setup_context(ctx, inputs, output) -> None:
+    grad_y, x, weight, with_bias, layout = inputs
+    ctx.layout, ctx.with_bias = layout, with_bias
+    ctx.save_for_backward(grad_y, x, weight)
+
+
+def _grad_weight_op_backward(ctx, u: Optional[Tensor], c: Optional[Tensor]):
+    return _grad_weight_backward(
+        ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, u, c, grouped_linear_op, grad_input_op
+    )
+
+
+grad_weight_op.register_autograd(_grad_weight_op_backward, setup_context=_grad_weight_setup_context)
+
+
 # ---------------------------------------------------------------------------------------------
 # eager autograd
 
@@ -158,7 +239,8 @@ class EagerGroupedLinear(torch.autograd.Function):
 
     Besides the backward it has a forward-mode rule (``jvp``: the op is linear in x and in
     (weight, bias)) and a ``vmap`` rule, so ``torch.func`` transforms and
-    ``torch.autograd.forward_ad`` work on it.
+    ``torch.autograd.forward_ad`` work on it. A recorded backward pass runs through
+    :class:`_GradInput` and :class:`_GradWeight`, which are differentiable again.
     """
 
     @staticmethod
@@ -173,13 +255,9 @@ class EagerGroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        # With create_graph=True (and under torch.func.grad) the backward itself is recorded:
-        # go through Functions whose own backward raises, so differentiating again is a clear
-        # error, never a silently dropped term.
-        recorded = torch.is_grad_enabled()
+        _, grad_input_fn, grad_weight_fn = _backward_fns(grad_y)
         return _backward_pass(
-            ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, grad_y,
-            _GradInput.apply if recorded else grad_input, _GradWeight.apply if recorded else grad_weight,
+            ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, grad_y, grad_input_fn, grad_weight_fn
         )
 
     @staticmethod
@@ -197,7 +275,7 @@ class EagerGroupedLinear(torch.autograd.Function):
             bias_t = None
         if bias_t is not None:
             terms.append(op(torch.zeros_like(x), weight, bias_t, ctx.layout))
-        return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        return _sum(terms)
 
     @staticmethod
     def vmap(info, in_dims, x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str):
@@ -232,34 +310,99 @@ def _per_member(apply, info, in_dims, args: tuple) -> list:
     return [apply(*(member(t, d, i) for t, d in zip(args, in_dims))) for i in range(info.batch_size)]
 
 
-def _no_double_backward(*_):
-    raise RuntimeError(
-        "tvmgroup: gradients of gradients (double backward) are not supported; the first "
-        "backward pass works, differentiating its result does not"
-    )
+def _recording() -> bool:
+    """Whether a backward pass is itself recorded (``create_graph=True``, ``torch.func``
+    transforms, double backward): then its ops must be differentiable Functions."""
+    return torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
 
 
-class _InRecordedBackward(torch.autograd.Function):
-    """A backward op inside a recorded backward pass (create_graph=True, torch.func.grad):
-    differentiating it raises instead of dropping the term."""
+def _backward_fns(*upstream: Optional[Tensor]):
+    """(forward, grad_input, grad_weight) for use inside a backward pass: the differentiable
+    Functions while the pass is recorded, the bare implementations otherwise. Upstream
+    gradients batched by ``torch.autograd.grad(..., is_grads_batched=True)`` (legacy batched
+    tensors, which have no storage) go through the registered ops (differentiable too), which
+    PyTorch runs once per batch member."""
+    if any(t is not None and torch._C._functorch.is_legacy_batchedtensor(t) for t in upstream):
+        return grouped_linear_op, grad_input_op, grad_weight_op
+    if _recording():
+        return EagerGroupedLinear.apply, _GradInput.apply, _GradWeight.apply
+    return forward, grad_input, grad_weight
+
+
+def _sum(terms: list):
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+class _GradInput(torch.autograd.Function):
+    """grad_input in the eager path: differentiable again (backward, jvp, vmap), so gradients
+    of gradients, ``jacfwd(jacrev(...))`` and Hessian-vector products work."""
+
+    @staticmethod
+    def forward(grad_y: Tensor, weight: Tensor, layout: str) -> Tensor:
+        return grad_input(grad_y, weight, layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        pass
+        _grad_input_setup_context(ctx, inputs, output)
+        grad_y, weight, _ = inputs
+        ctx.save_for_forward(grad_y, weight)
 
-    backward = staticmethod(_no_double_backward)
+    @staticmethod
+    def backward(ctx, v: Tensor):
+        forward_fn, _, grad_weight_fn = _backward_fns(v)
+        return _grad_input_backward(ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, v, forward_fn, grad_weight_fn)
 
-
-class _GradInput(_InRecordedBackward):
-    forward = staticmethod(grad_input)
+    @staticmethod
+    def jvp(ctx, grad_y_t: Optional[Tensor], weight_t: Optional[Tensor], _layout_t) -> Tensor:
+        """d(grad_y W) = d(grad_y) W + grad_y dW."""
+        grad_y, weight = ctx.saved_tensors
+        terms = []
+        if grad_y_t is not None:
+            terms.append(_GradInput.apply(grad_y_t, weight, ctx.layout))
+        if weight_t is not None:
+            terms.append(_GradInput.apply(grad_y, weight_t, ctx.layout))
+        return _sum(terms)
 
     @staticmethod
     def vmap(info, in_dims, grad_y: Tensor, weight: Tensor, layout: str):
         return _vmap_rows_or_members(_GradInput.apply, info, in_dims, (grad_y, weight, layout))
 
 
-class _GradWeight(_InRecordedBackward):
-    forward = staticmethod(grad_weight)
+class _GradWeight(torch.autograd.Function):
+    """grad_weight in the eager path, differentiable again like :class:`_GradInput`."""
+
+    @staticmethod
+    def forward(grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str) -> tuple[Tensor, Tensor]:
+        return grad_weight(grad_y, x, weight, with_bias, layout)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _grad_weight_setup_context(ctx, inputs, output)
+        grad_y, x, weight, _, _ = inputs
+        ctx.save_for_forward(grad_y, x, weight)
+
+    @staticmethod
+    def backward(ctx, u: Tensor, c: Tensor):
+        forward_fn, grad_input_fn, _ = _backward_fns(u, c)
+        return _grad_weight_backward(
+            ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, u, c, forward_fn, grad_input_fn
+        )
+
+    @staticmethod
+    def jvp(ctx, grad_y_t: Optional[Tensor], x_t: Optional[Tensor], _weight_t, _with_bias_t, _layout_t):
+        """d(grad_W) = grad_weight(d grad_y, x) + grad_weight(grad_y, dx);
+        d(grad_b) = sum over rows of d grad_y (the first call's bias part)."""
+        grad_y, x, weight = ctx.saved_tensors
+        groups, out_features, _ = weight.shape
+        terms, grad_b_t = [], None
+        if grad_y_t is not None:
+            grad_w_t, grad_b_t = _GradWeight.apply(grad_y_t, x, weight, ctx.with_bias, ctx.layout)
+            terms.append(grad_w_t)
+        if x_t is not None:
+            terms.append(_GradWeight.apply(grad_y, x_t, weight, False, ctx.layout)[0])
+        if grad_b_t is None:
+            grad_b_t = weight.new_zeros((groups, out_features) if ctx.with_bias else (0,))
+        return _sum(terms), grad_b_t
 
     @staticmethod
     def vmap(info, in_dims, grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str):
