@@ -89,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where to run (default cpu; cuda: GPU benchmarking is not available yet)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
     p.add_argument("--models", action="store_true",
-                   help="time small model stacks instead of single layers: grouped K->H, ReLU, LayerNorm, "
+                   help="time small model stacks instead of single layers: grouped K->H, GELU, LayerNorm, "
                         "grouped H->K, forward and forward+backward (formulations that take (N, G*K) only); "
                         "writes models.txt and models.json")
     p.add_argument("--model-shape", type=_model_shape_arg, action="append", metavar="N,G,K,H",
