@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from tvmgroup.bench.formulations import Bmm, Formulation, Instance
 from tvmgroup.bench.runner import TOLERANCE, Result, Settings
-from tvmgroup.bench.shapes import BYTES_PER_ELEMENT, MAX_ELEMENTS
+from tvmgroup.bench.shapes import BYTES_PER_ELEMENT, MAX_ELEMENTS, parse_positive_ints
 from tvmgroup.bench.timing import Timer, time_calls
 from tvmgroup.lookup import UntunedShapeWarning, schedule_info
 
@@ -70,19 +70,7 @@ DEFAULT_MODELS: tuple[ModelShape, ...] = (
 
 def parse_model_shape(text: str) -> ModelShape:
     """Parses ``N,G,K,H`` (four positive integers); raises ValueError saying what is wrong."""
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 4:
-        raise ValueError(f"--model-shape expects N,G,K,H (four comma-separated integers), got {text!r}")
-    values = []
-    for name, part in zip(("N", "G", "K", "H"), parts):
-        try:
-            value = int(part)
-        except ValueError:
-            raise ValueError(f"--model-shape {text!r}: {name} must be an integer, got {part!r}") from None
-        if value < 1:
-            raise ValueError(f"--model-shape {text!r}: {name} must be positive, got {value}")
-        values.append(value)
-    shape = ModelShape(*values)
+    shape = ModelShape(*parse_positive_ints(text, ("N", "G", "K", "H"), "--model-shape"))
     if shape.n * shape.groups * max(shape.in_features, shape.hidden) > MAX_ELEMENTS:
         raise ValueError(f"--model-shape {text!r} is too large (an activation over {MAX_ELEMENTS} elements)")
     return shape

@@ -65,21 +65,32 @@ DEFAULT_SHAPES: tuple[Shape, ...] = (
 MAX_ELEMENTS = 1 << 28
 
 
-def parse_shape(text: str) -> Shape:
-    """Parses ``N,G,K,O`` (four positive integers); raises ValueError saying what is wrong."""
+_COUNTS = {2: "two", 3: "three", 4: "four", 5: "five"}
+
+
+def parse_positive_ints(text: str, names: tuple[str, ...], option: str) -> list[int]:
+    """Parses comma-separated positive integers, one per name; ValueErrors say what is wrong."""
     parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 4:
-        raise ValueError(f"--shape expects N,G,K,O (four comma-separated integers), got {text!r}")
+    if len(parts) != len(names):
+        raise ValueError(
+            f"{option} expects {','.join(names)} ({_COUNTS.get(len(names), len(names))} comma-separated integers), "
+            f"got {text!r}"
+        )
     values = []
-    for name, part in zip(("N", "G", "K", "O"), parts):
+    for name, part in zip(names, parts):
         try:
             value = int(part)
         except ValueError:
-            raise ValueError(f"--shape {text!r}: {name} must be an integer, got {part!r}") from None
+            raise ValueError(f"{option} {text!r}: {name} must be an integer, got {part!r}") from None
         if value < 1:
-            raise ValueError(f"--shape {text!r}: {name} must be positive, got {value}")
+            raise ValueError(f"{option} {text!r}: {name} must be positive, got {value}")
         values.append(value)
-    shape = Shape(*values)
+    return values
+
+
+def parse_shape(text: str) -> Shape:
+    """Parses ``N,G,K,O`` (four positive integers); raises ValueError saying what is wrong."""
+    shape = Shape(*parse_positive_ints(text, ("N", "G", "K", "O"), "--shape"))
     largest = shape.n * shape.groups * max(shape.in_features, shape.out_features)
     if largest > MAX_ELEMENTS:
         raise ValueError(
