@@ -100,19 +100,18 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
 
     def __init__(self, bar: tqdm, path: Path, meta: dict, best: float) -> None:
         self.bar, self.path, self.meta, self.best = bar, path, meta, best
-
-        self.error: OSError | None = None
+        self.error: OSError | None = None  # a failed write of the trial count (a full disk)
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
         for result in runner_results:
             secs = mean_secs(result.run_secs) if result.run_secs is not None else math.inf
             self.best = min(self.best, secs)
         self.meta["trials"] = int(self.meta.get("trials", 0)) + len(runner_results)
-        if self.error is None:
-            try:
-                write_meta(self.path, self.meta)
-            except OSError as err:  # kept for tune_op to raise once MetaSchedule returns
-                self.error = err
+        try:
+            write_meta(self.path, self.meta)
+        except OSError as err:  # stops the search; kept, as MetaSchedule may rewrap it
+            self.error = err
+            raise
         self.bar.update(len(runner_results))
         if math.isfinite(self.best):
             self.bar.set_postfix_str(f"best {self.best * 1e6:.1f} us")
@@ -336,24 +335,27 @@ def _search(req: TuneRequest, remaining: int, database, builder, runner, cores: 
     progress = _Progress(bar, req.path, meta, _best_seconds(req.path))
     callbacks.append(progress)
     with tempfile.TemporaryDirectory(prefix="tvmgroup-tune-") as work:
-        ms.tune_tir(
-            ir_module(req.spec, req.rows),
-            req.target,
-            work,
-            max_trials_global=remaining,
-            num_trials_per_iter=min(req.trials_per_iter, remaining),
-            space=make_space(req.space, req.spec, req.target),
-            strategy=SkipMeasured(),
-            cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
-            database=database,
-            builder=builder,
-            runner=runner,
-            measure_callbacks=callbacks,
-            num_tuning_cores=cores,
-            seed=req.seed,
-        )
-    if progress.error is not None:  # raised inside MetaSchedule's loop, which would hide its kind
-        raise progress.error
+        try:
+            ms.tune_tir(
+                ir_module(req.spec, req.rows),
+                req.target,
+                work,
+                max_trials_global=remaining,
+                num_trials_per_iter=min(req.trials_per_iter, remaining),
+                space=make_space(req.space, req.spec, req.target),
+                strategy=SkipMeasured(),
+                cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
+                database=database,
+                builder=builder,
+                runner=runner,
+                measure_callbacks=callbacks,
+                num_tuning_cores=cores,
+                seed=req.seed,
+            )
+        except Exception:
+            if progress.error is not None:  # MetaSchedule's loop may have rewrapped it
+                raise progress.error from None
+            raise
 
 
 def _finish(req: TuneRequest, path: Path, before: int) -> TuneResult:
