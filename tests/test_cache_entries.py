@@ -43,10 +43,12 @@ def test_stale_and_unreadable_entries_are_listed_not_loaded(home, capsys):
     meta = json.loads(meta_path.read_text())
     meta["key"] = meta["key"].replace("|default|", "|default|0000")  # another code version
     meta_path.write_text(json.dumps(meta))
+    meta["spec"] = "forward\x1b[2J"  # a terminal control sequence is not printed
+    meta_path.write_text(json.dumps(meta))
     second.stem.with_suffix(".json").write_text("{not json")
     entries = {e.stem: e for e in list_entries()}
     assert entries[first.stem].stale and entries[second.stem].stale
-    assert entries[second.stem].spec_key == "?"
+    assert entries[first.stem].spec_key == entries[second.stem].spec_key == "?"
     assert cli.main(["cache"]) == 0
     assert "2 stale" in capsys.readouterr().out
 

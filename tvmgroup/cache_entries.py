@@ -70,6 +70,11 @@ def _size(stem: Path) -> int:
     return total
 
 
+def _printable(value: object) -> str:
+    """A metadata string as it may be shown (no control characters), else ``"?"``."""
+    return value if isinstance(value, str) and value.isprintable() and len(value) <= 200 else "?"
+
+
 def list_entries(root: Path | None = None) -> list[CacheEntry]:
     """Every entry of the kernel cache (default: ``$TVMGROUP_HOME/kernels``)."""
     from tvmgroup.kernel import code_fingerprint
@@ -90,9 +95,10 @@ def list_entries(root: Path | None = None) -> list[CacheEntry]:
             meta = {}
         meta = meta if isinstance(meta, dict) else {}
         parsed = _parse_key(meta.get("key"))
-        spec = meta.get("spec") if isinstance(meta.get("spec"), str) else "?"
+        spec = _printable(meta.get("spec"))
         row_tile = meta.get("row_tile") if isinstance(meta.get("row_tile"), int) else None
         schedule, code, variant = parsed if parsed else ("?", "?", "?")
+        schedule = _printable(schedule)
         stale = version != tvm.__version__ or code != current
         entries.append(CacheEntry(stem, version, target, spec, variant, schedule, row_tile, _size(stem), stale))
     return entries
