@@ -16,6 +16,8 @@ COMMANDS = {
     "bench": "tvmgroup.commands.bench",
     "tune": "tvmgroup.commands.tune",
     "logs": "tvmgroup.commands.logs",
+    "prebuild": "tvmgroup.commands.prebuild",
+    "cache": "tvmgroup.commands.cache",
 }
 
 

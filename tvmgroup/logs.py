@@ -81,11 +81,21 @@ def read_meta(path: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def _replace_file(destination: Path, text: str) -> None:
+    """Writes ``destination`` through a temporary file beside it, which a failed write (a
+    full disk) removes again: the old file stays whole and nothing is left behind."""
+    tmp = destination.parent / f".{destination.name}.tmp{os.getpid()}"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, destination)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_meta(path: Path, meta: dict) -> None:
     """Atomically replaces the log's ``tvmgroup.json``."""
-    tmp = Path(path) / f".{META}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, Path(path) / META)
+    _replace_file(Path(path) / META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
 def count_records(path: Path) -> int:
@@ -200,7 +210,5 @@ def prune(path: Path, keep: int) -> int:
     records = read_records(path)
     ranked = sorted(records, key=lambda r: mean_secs(r[1][1]))
     kept = [r for r in ranked if math.isfinite(mean_secs(r[1][1]))][:keep]
-    tmp = Path(path) / f".{RECORDS}.tmp{os.getpid()}"
-    tmp.write_text("".join(json.dumps(list(r), separators=(",", ":")) + "\n" for r in kept))
-    os.replace(tmp, Path(path) / RECORDS)
+    _replace_file(Path(path) / RECORDS, "".join(json.dumps(list(r), separators=(",", ":")) + "\n" for r in kept))
     return len(kept)

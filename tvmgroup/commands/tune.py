@@ -16,12 +16,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tune",
         help="tune the ops of one shape with MetaSchedule and save the log",
-        description="Tunes forward/grad_input/grad_weight for one shape. Running the same command again "
-        "resumes: only the trials missing from the log are measured.",
+        description="Tunes forward/grad_input/grad_weight for one shape (--groups, --in-features, "
+        "--out-features), or every op shape of a model (--model). Running the same command again "
+        "resumes: only the trials missing from the logs are measured. With --rpc-tracker, candidates "
+        "are built here and measured on the RPC servers registered under --rpc-key.",
     )
-    p.add_argument("--groups", type=positive, required=True)
-    p.add_argument("--in-features", type=positive, required=True)
-    p.add_argument("--out-features", type=positive, required=True)
+    p.add_argument("--groups", type=positive)
+    p.add_argument("--in-features", type=positive)
+    p.add_argument("--out-features", type=positive)
+    p.add_argument("--model", metavar="MODULE:FACTORY",
+                   help="tune every op shape of a model: a function returning (model, example_inputs); "
+                        "MODULE is importable or a .py file. Rows are those the layers see")
+    p.add_argument("--inference", action="store_true", help="with --model: only the forward ops")
     p.add_argument("--rows", type=positive, default=4096,
                    help="rows (batch*length) to tune at; rounded up to the target's row multiple (default 4096)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
@@ -29,7 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layout", choices=LAYOUTS, default="last")
     p.add_argument("--no-bias", dest="bias", action="store_false", help="the layer has no bias")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops (default {','.join(OPS)})")
-    p.add_argument("--target", default="llvm", help="'llvm' (this CPU), 'cuda' (this GPU) or 'cuda:sm_XX'")
+    p.add_argument("--target", default=None,
+                   help="'llvm' (this CPU, the default), 'cuda' (this GPU), 'cuda:sm_XX', or a target as JSON "
+                        "(the remote device's, with --rpc-tracker: '{\"kind\": \"llvm\", \"mcpu\": \"skylake-avx512\", "
+                        "\"num-cores\": 8}'); logs are filed under its key")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", type=_host_port,
+                   help="measure on the servers of this RPC tracker (python -m tvm.exec.rpc_tracker)")
+    p.add_argument("--rpc-key", metavar="KEY", help="the key the servers registered under (with --rpc-tracker)")
     p.add_argument("--trials", type=positive, default=64, help="trials per op (default 64)")
     p.add_argument("--space", choices=("template", "generic"), default="template",
                    help="the tvmgroup template (default) or MetaSchedule's generic space, for comparison")
@@ -46,6 +58,48 @@ def register(sub: argparse._SubParsersAction) -> None:
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 127.0.0.1:9190), got {text!r}")
+    return host, int(port)
+
+
+def _target(text: str | None):
+    import json
+
+    from tvmgroup.target import parse_target
+
+    if text is None:
+        return parse_target("llvm")
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"--target: not valid JSON ({err}): {text!r}") from None
+        if not isinstance(value, dict) or "kind" not in value:
+            raise ValueError(f"--target JSON must be an object with a \"kind\", got {text!r}")
+        try:
+            return parse_target(value)
+        except Exception as err:  # TVM rejects the attributes
+            raise ValueError(f"--target {text}: {err}") from None
+    return parse_target(text)
+
+
+def _rpc(args: argparse.Namespace):
+    if (args.rpc_tracker is None) != (args.rpc_key is None):
+        raise ValueError("--rpc-tracker and --rpc-key go together")
+    if args.rpc_tracker is None:
+        return None
+    from tvm.s_tir.meta_schedule.runner import RPCConfig
+
+    from tvmgroup.tuning.tune import RPC_SESSION_TIMEOUT_S
+
+    host, port = args.rpc_tracker
+    return RPCConfig(tracker_host=host, tracker_port=port, tracker_key=args.rpc_key,
+                     session_timeout_sec=RPC_SESSION_TIMEOUT_S)
+
+
 def _ops(text: str) -> list[str]:
     ops = [o.strip() for o in text.split(",") if o.strip()]
     bad = [o for o in ops if o not in OPS]
@@ -55,34 +109,84 @@ def _ops(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    shape = (args.groups, args.in_features, args.out_features)
+    if args.model is not None:
+        if any(v is not None for v in shape):
+            raise ValueError("--model tunes the shapes the model runs: leave out --groups/--in-features/--out-features")
+        return _run_model(args)
+    if args.inference:
+        raise ValueError("--inference goes with --model")
+    if any(v is None for v in shape):
+        raise ValueError("give --groups, --in-features and --out-features (or --model MODULE:FACTORY)")
+    return _run_shape(args)
+
+
+def _check_dtype(family, dtype: str) -> None:
+    if dtype not in {str(d).removeprefix("torch.") for d in family.dtypes}:
+        names = ", ".join(str(d).removeprefix("torch.") for d in family.dtypes)
+        raise ValueError(f"--dtype {dtype}: {family.kind} kernels run {names}; nothing would use this log")
+
+
+def _print_result(spec, result) -> None:
+    best = f"{result.best_seconds * 1e6:.1f} us" if math.isfinite(result.best_seconds) else "none"
+    status = "already done" if result.trials_after == result.trials_before else f"{result.trials_after - result.trials_before} new"
+    if result.exhausted:
+        status += "; every distinct schedule of the space is measured"
+    print(f"{spec.key}: {result.trials_after} trials ({status}), best {best}, log {result.path}", flush=True)
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    from tvmgroup import lookup
+    from tvmgroup.discovery import model_from_factory
+    from tvmgroup.paths import user_logs_dir
+    from tvmgroup.target import target_key
+    from tvmgroup.tuning.model import tune_model
+
+    target = _target(args.target) if args.target is not None else None
+    rpc = _rpc(args)
+    model, inputs = model_from_factory(args.model)
+    root = args.output if args.output is not None else user_logs_dir()
+    keep = args.keep if args.keep is not None else (8 if args.output is not None else None)
+    where = f"on the servers under {args.rpc_key!r} at {args.rpc_tracker[0]}:{args.rpc_tracker[1]}" if rpc else "here"
+    print(f"tuning {args.model} for {target_key(target) if target is not None else 'each layer device'}, "
+          f"{args.trials} trials per op shape, measured {where} -> {root}", flush=True)
+    start = time.perf_counter()
+    results = tune_model(
+        model, inputs, target=target, trials=args.trials, root=root, backward=not args.inference,
+        progress=not args.quiet, on_done=lambda done: _print_result(done.request.spec, done.result),
+        space=args.space, keep=keep, seed=args.seed, trials_per_iter=args.batch, rpc=rpc,
+    )
+    lookup.forget()
+    if not results:
+        print(f"{args.model}: no tvmgroup layer runs on the example inputs; nothing to tune")
+    print(f"{len(results)} op shapes done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _run_shape(args: argparse.Namespace) -> int:
     from tvmgroup import lookup
     from tvmgroup.compute import OpSpec
     from tvmgroup.paths import user_logs_dir
-    from tvmgroup.target import family_of, parse_target, target_key
+    from tvmgroup.target import family_of, target_key
     from tvmgroup.tuning.tune import TuneRequest, tune_op, tuning_rows
 
-    target = parse_target(args.target)
+    target = _target(args.target)
     family = family_of(target)
-    if args.dtype not in {str(d).removeprefix("torch.") for d in family.dtypes}:
-        names = ", ".join(str(d).removeprefix("torch.") for d in family.dtypes)
-        raise ValueError(f"--dtype {args.dtype}: {family.kind} kernels run {names}; nothing would use this log")
+    _check_dtype(family, args.dtype)
+    rpc = _rpc(args)
     rows = tuning_rows(args.rows, target)
     if rows != args.rows:
         multiple = family.row_multiple
         print(f"tvmgroup tune: --rows {args.rows} rounded up to {rows} (tuning needs a multiple of {multiple})", file=sys.stderr)
     root = args.output if args.output is not None else user_logs_dir()
     keep = args.keep if args.keep is not None else (8 if args.output is not None else None)
-    print(f"tuning for {target_key(target)} at {rows} rows, {args.trials} trials per op, {args.space} space -> {root}")
+    where = f", measured on the servers under {args.rpc_key!r}" if rpc else ""
+    print(f"tuning for {target_key(target)} at {rows} rows, {args.trials} trials per op, {args.space} space{where} -> {root}")
     start = time.perf_counter()
     for op in _ops(args.ops):
         spec = OpSpec(op, args.groups, args.in_features, args.out_features, args.dtype, args.layout, args.bias)
-        req = TuneRequest(spec, target, rows, args.trials, root, args.space, keep, args.seed, args.batch)
-        result = tune_op(req, progress=not args.quiet)
-        best = f"{result.best_seconds * 1e6:.1f} us" if math.isfinite(result.best_seconds) else "none"
-        status = "already done" if result.trials_after == result.trials_before else f"{result.trials_after - result.trials_before} new"
-        if result.exhausted:
-            status += "; every distinct schedule of the space is measured"
-        print(f"{spec.key}: {result.trials_after} trials ({status}), best {best}, log {result.path}")
+        req = TuneRequest(spec, target, rows, args.trials, root, args.space, keep, args.seed, args.batch, rpc)
+        _print_result(spec, tune_op(req, progress=not args.quiet))
     lookup.forget()
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0

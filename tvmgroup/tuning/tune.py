@@ -8,6 +8,9 @@ first trial of a new log is the default schedule, so a log is never worse than n
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import logging
 import math
 import os
@@ -22,6 +25,7 @@ from typing import Callable
 
 import torch
 import tvm
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 from tvm.ir.utils import derived_object
 from tvm import s_tir
@@ -33,12 +37,20 @@ from tvmgroup.target import family_of, target_key
 from tvmgroup.logs import (
     FORMAT, RECORDS, WORKLOADS, count_records, log_dir, mean_secs, prune, read_meta, read_records, write_meta,
 )
+from tvmgroup.paths import home
+from tvmgroup.tuning.search import SkipMeasured
 from tvmgroup.tuning.space import make_space
+from tvmgroup.tuning.workers import worker_initializer
 
 log = logging.getLogger(__name__)
 
 BUILD_TIMEOUT_S = 120.0  # generous: compile jobs share the cores with the measurements
 RUN_TIMEOUT_S = 30.0
+RPC_SESSION_TIMEOUT_S = 60  # one remote measurement: session, upload, run
+
+
+class TuningDiskFull(RuntimeError):
+    """The disk filled up while a log was written; what was recorded before stays usable."""
 
 
 def tuning_rows(rows: int, target: tvm.target.Target) -> int:
@@ -60,6 +72,7 @@ class TuneRequest:
     keep: int | None = None  # prune the log to this many best records at the end
     seed: int | None = None
     trials_per_iter: int = 16
+    rpc: ms.runner.RPCConfig | None = None  # measure on the tracker's servers, else here
 
     @property
     def path(self) -> Path:
@@ -87,13 +100,18 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
 
     def __init__(self, bar: tqdm, path: Path, meta: dict, best: float) -> None:
         self.bar, self.path, self.meta, self.best = bar, path, meta, best
+        self.error: OSError | None = None  # a failed write of the trial count (a full disk)
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
         for result in runner_results:
             secs = mean_secs(result.run_secs) if result.run_secs is not None else math.inf
             self.best = min(self.best, secs)
         self.meta["trials"] = int(self.meta.get("trials", 0)) + len(runner_results)
-        write_meta(self.path, self.meta)
+        try:
+            write_meta(self.path, self.meta)
+        except OSError as err:  # stops the search; kept, as MetaSchedule may rewrap it
+            self.error = err
+            raise
         self.bar.update(len(runner_results))
         if math.isfinite(self.best):
             self.bar.set_postfix_str(f"best {self.best * 1e6:.1f} us")
@@ -188,8 +206,54 @@ def _measure_default(req: TuneRequest, database, builder, runner) -> int:
     return 1
 
 
-def tune_op(req: TuneRequest, *, progress: bool = True) -> TuneResult:
-    """Tunes ``req.spec`` until its log holds ``req.trials`` trials (resuming one if present)."""
+def _log_lock(path: Path) -> FileLock:
+    """The lock one tuning run of a log holds: a second run of the same log waits for it
+    (both would append to one record file and count trials over each other). It lives
+    under ``$TVMGROUP_HOME/locks``, not in the log directory, which may be the repo's."""
+    digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24]
+    locks = home() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(locks / f"{digest}.lock"))
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, spec_key: str):
+    lock = _log_lock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        sys.stderr.write(f"tvmgroup tune: another run is tuning {spec_key} into {path}; waiting for it to finish\n")
+        sys.stderr.flush()
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _disk_full(err: OSError) -> bool:
+    return err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _make_runner(req: TuneRequest):
+    """MetaSchedule's runner: here (LocalRunner), or on the RPC servers registered under the
+    request's key, as many at once as the tracker has."""
+    if req.rpc is None:
+        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, initializer=worker_initializer())
+    try:
+        servers = req.rpc.count_num_servers(allow_missing=False)
+    except ValueError as err:  # no tracker there, or no server under the key
+        raise RuntimeError(str(err).strip()) from None
+    return ms.runner.RPCRunner(req.rpc, max_workers=servers, initializer=worker_initializer())
+
+
+def tune_op(req: TuneRequest, *, progress: bool = True, bar: tqdm | None = None) -> TuneResult:
+    """Tunes ``req.spec`` until its log holds ``req.trials`` trials (resuming one if present).
+
+    ``bar``: a progress bar shared by several runs (``tune_model``); else one of its own.
+    A second run of the same log waits until the first is done. A full disk raises
+    :class:`TuningDiskFull` (the log keeps what was recorded).
+    """
     family = family_of(req.target)
     if req.rows % family.row_multiple:
         raise ValueError(f"tuning rows for {family.kind} must be a multiple of {family.row_multiple}, got {req.rows}")
@@ -197,9 +261,25 @@ def tune_op(req: TuneRequest, *, progress: bool = True) -> TuneResult:
         raise ValueError(f"trials must be >= 1, got {req.trials}")
     if req.trials_per_iter < 1:
         raise ValueError(f"trials per iteration (--batch) must be >= 1, got {req.trials_per_iter}")
-    _check_device(req.target)
+    if req.rpc is None:
+        _check_device(req.target)
     path = req.path
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with _exclusive(path, req.spec.key):
+            return _tune_locked(req, path, progress, bar)
+    except OSError as err:
+        if not _disk_full(err):
+            raise
+        done = max(int(read_meta(path).get("trials", 0) or 0), count_records(path))
+        raise TuningDiskFull(
+            f"no space left on the device while writing {path} ({err.strerror or err}); the log keeps "
+            f"{done} trials. Free some space and run the same command again to resume"
+        ) from None
+
+
+def _tune_locked(req: TuneRequest, path: Path, progress: bool, shared_bar: tqdm | None) -> TuneResult:
+    family = family_of(req.target)
     old = read_meta(path)
     if old and old.get("tvm_version") != tvm.__version__:
         raise RuntimeError(
@@ -214,9 +294,16 @@ def tune_op(req: TuneRequest, *, progress: bool = True) -> TuneResult:
     write_meta(path, meta)
     database = ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS), allow_missing=True)
     cores = int(req.target.attrs.get("num-cores", 1) or 1) if family.multi_core else 1
-    builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=BUILD_TIMEOUT_S)
-    runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
-    bar = tqdm(total=req.trials, initial=done, desc=req.spec.key, unit="trial", disable=not progress, dynamic_ncols=True)
+    if req.rpc is not None:  # builds run here: as many as this machine has cores
+        cores = os.cpu_count() or 1
+    builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=BUILD_TIMEOUT_S, initializer=worker_initializer())
+    runner = _make_runner(req)
+    if shared_bar is None:
+        bar = tqdm(total=req.trials, initial=done, desc=req.spec.key, unit="trial", disable=not progress, dynamic_ncols=True)
+    else:
+        bar = shared_bar
+        bar.set_description_str(req.spec.key)
+        bar.update(done)
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     # Installed before the first measurement: Ctrl-C at any point leaves a loadable log.
     restore = _exit_on_interrupt(req, path, bar)
@@ -234,33 +321,41 @@ def tune_op(req: TuneRequest, *, progress: bool = True) -> TuneResult:
             _search(req, remaining, database, builder, runner, cores, bar=bar, meta=meta)
     finally:
         restore()
-        bar.close()
+        if shared_bar is None:
+            bar.close()
         if req.keep is not None:
             prune(path, req.keep)
     return _finish(req, path, before)
 
 
 def _search(req: TuneRequest, remaining: int, database, builder, runner, cores: int, *, bar: tqdm, meta: dict) -> None:
-    """MetaSchedule's evolutionary search for ``remaining`` more trials, into ``database``."""
+    """MetaSchedule's evolutionary search for ``remaining`` more trials, into ``database``;
+    schedules already in the log are not measured again (:class:`SkipMeasured`)."""
     callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
-    callbacks.append(_Progress(bar, req.path, meta, _best_seconds(req.path)))
+    progress = _Progress(bar, req.path, meta, _best_seconds(req.path))
+    callbacks.append(progress)
     with tempfile.TemporaryDirectory(prefix="tvmgroup-tune-") as work:
-        ms.tune_tir(
-            ir_module(req.spec, req.rows),
-            req.target,
-            work,
-            max_trials_global=remaining,
-            num_trials_per_iter=min(req.trials_per_iter, remaining),
-            space=make_space(req.space, req.spec, req.target),
-            strategy=ms.search_strategy.EvolutionarySearch(),
-            cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
-            database=database,
-            builder=builder,
-            runner=runner,
-            measure_callbacks=callbacks,
-            num_tuning_cores=cores,
-            seed=req.seed,
-        )
+        try:
+            ms.tune_tir(
+                ir_module(req.spec, req.rows),
+                req.target,
+                work,
+                max_trials_global=remaining,
+                num_trials_per_iter=min(req.trials_per_iter, remaining),
+                space=make_space(req.space, req.spec, req.target),
+                strategy=SkipMeasured(),
+                cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
+                database=database,
+                builder=builder,
+                runner=runner,
+                measure_callbacks=callbacks,
+                num_tuning_cores=cores,
+                seed=req.seed,
+            )
+        except Exception:
+            if progress.error is not None:  # MetaSchedule's loop may have rewrapped it
+                raise progress.error from None
+            raise
 
 
 def _finish(req: TuneRequest, path: Path, before: int) -> TuneResult:
