@@ -32,12 +32,17 @@ def _poisoned(*shape: int) -> torch.Tensor:
 
 
 def _rows_shape(layout: str, rows: int, features: int) -> tuple[int, ...]:
-    """Kernel layout: (N, G, F) for "last"; (B=2, G, F, L=rows) for "conv"."""
+    """Kernel layout: (N, G, F) for "last"; (B=2, G, F, L=rows) for "conv"; (G, N, F) for
+    "ensemble"."""
+    if layout == "ensemble":
+        return (G, rows, features)
     return (rows, G, features) if layout == "last" else (2, G, features, rows)
 
 
 def _user(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """A kernel-layout tensor as the user's (N, G*F) or (B, G*F, L)."""
+    """A kernel-layout tensor as the user's (N, G*F), (B, G*F, L) or (G, N, F)."""
+    if layout == "ensemble":
+        return t
     if layout == "last":
         return t.reshape(t.shape[0], -1)
     return t.reshape(t.shape[0], -1, t.shape[-1])
@@ -49,12 +54,12 @@ def _expect(x, weight, bias, grad_y, layout, ref_grads):
 
 def _row_counts(kernel: Kernel, op: str, layout: str) -> list[int]:
     t = kernel.row_tile
-    if op == "grad_weight" and layout == "last":
+    if op == "grad_weight" and layout in ("last", "ensemble"):
         return [1, t - 1, t, t + 1, 200]
     return [1, t - 1, t, t + 1, 2 * t + 3]
 
 
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble"])
 def test_cpu_kernels_have_a_row_tile_and_a_tail(layout):
     for op in ("forward", "grad_input", "grad_weight"):
         kernel = _kernel(op, layout)
@@ -63,7 +68,7 @@ def test_cpu_kernels_have_a_row_tile_and_a_tail(layout):
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble"])
 def test_forward_kernel_writes_every_element(layout, bias, ref_grads, close):
     kernel = _kernel("forward", layout, bias)
     for rows in _row_counts(kernel, "forward", layout):
@@ -75,7 +80,7 @@ def test_forward_kernel_writes_every_element(layout, bias, ref_grads, close):
         close(_user(y, layout), *expect, what=f"forward {layout} rows={rows}")
 
 
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble"])
 def test_grad_input_kernel_writes_every_element(layout, ref_grads, close):
     kernel = _kernel("grad_input", layout, bias=False)
     for rows in _row_counts(kernel, "grad_input", layout):
@@ -89,7 +94,7 @@ def test_grad_input_kernel_writes_every_element(layout, ref_grads, close):
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble"])
 def test_grad_weight_kernel_writes_every_element(layout, bias, ref_grads, close):
     kernel = _kernel("grad_weight", layout, bias)
     for rows in _row_counts(kernel, "grad_weight", layout):

@@ -25,14 +25,20 @@ def _eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 def grouped_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, layout: str = "last"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    layout: str = "last",
+    weight_layout: str = "out_in",
 ) -> torch.Tensor:
     """``y[..., g, :] = x[..., g, :] @ weight[g].T + bias[g]`` for each of G groups.
 
     Args:
         x: ``(..., G*K)`` for ``layout="last"``, ``(B, G*K, L)`` for ``layout="conv"``.
-        weight: ``(G, O, K)``.
-        bias: ``(G, O)`` or None.
+        weight: ``(G, O, K)`` for ``weight_layout="out_in"``, ``(G, K, O)`` for ``"in_out"``
+            (then ``y = x @ weight[g] + bias[g]``); read as stored.
+        bias: ``(G, O)``, ``(G, 1, O)``, ``(G*O,)`` or None; its gradient has its shape.
     Returns:
         ``(..., G*O)`` or ``(B, G*O, L)``.
     """
@@ -41,12 +47,12 @@ def grouped_linear(
         dtype = torch.get_autocast_dtype("cuda")
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    check_input(x, weight, bias, layout)
+    check_input(x, weight, bias, layout, weight_layout)
     if not _eager(x, weight, bias):
-        return grouped_linear_op(x, weight, bias, layout)
+        return grouped_linear_op(x, weight, bias, layout, weight_layout)
     if _plain(x, weight, bias):
-        return forward(x, weight, bias, layout)
-    return EagerGroupedLinear.apply(x, weight, bias, layout)
+        return forward(x, weight, bias, layout, weight_layout)
+    return EagerGroupedLinear.apply(x, weight, bias, layout, weight_layout)
 
 
 def _plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -80,6 +80,7 @@ class Kernel:
         self._main = _entry_function(self.main)
         self._tail = _entry_function(self.tail) if self.tail is not None else None
         self._rows_innermost = self.spec.layout_def.rows_innermost
+        self._row_axis = self.spec.layout_def.row_axis
         # The family's launch context (CUDA: torch's current stream), or None.
         self.launch = family_of(self.target).launch if self.target is not None else None
 
@@ -123,9 +124,12 @@ class Kernel:
             t.copy_(padded[..., :length])
 
     def _call_rows(self, *args: torch.Tensor) -> None:
-        """The tile applies to the leading row axis: ``main`` takes the largest multiple of it
-        and ``tail`` the rest, both on views; outputs summed over rows add the tail's part."""
-        rows = args[0].shape[0]
+        """The tile applies to the row axis (the leading one, or the layout's ``row_axis``):
+        ``main`` takes the largest multiple of it and ``tail`` the rest, both on views (the
+        layout's buffers take such views: the leading axis, or strided ones); outputs summed
+        over rows add the tail's part."""
+        axis = self._row_axis
+        rows = args[0].shape[axis]
         cut = rows - rows % self.row_tile
         if cut == rows:
             self._main(*args)
@@ -133,11 +137,11 @@ class Kernel:
         if cut == 0:
             self._tail(*args)
             return
-        self._main(*[t[:cut] if arg.role == "rows" else t for t, arg in zip(args, self._args)])
+        self._main(*[t.narrow(axis, 0, cut) if arg.role == "rows" else t for t, arg in zip(args, self._args)])
         call, partials = [], []
         for t, arg in zip(args, self._args):
             if arg.role == "rows":
-                call.append(t[cut:])
+                call.append(t.narrow(axis, cut, rows - cut))
             elif arg.summed_over_rows:
                 part = torch.empty_like(t)
                 call.append(part)

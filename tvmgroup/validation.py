@@ -6,40 +6,47 @@ import torch
 
 from tvmgroup.layouts import layout_of
 from tvmgroup.target import family_for_device
+from tvmgroup.weights import BIAS_LAYOUTS, WEIGHT_LAYOUTS, bias_layout_of, bias_shape, check_weight_layout, weight_dims
 
 
 def check_layout(layout: str) -> None:
     layout_of(layout)
 
 
-def check_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
-    """Returns (groups, in_features, out_features) of a (G, O, K) weight."""
+def check_weight(
+    weight: torch.Tensor, bias: torch.Tensor | None, weight_layout: str = "out_in"
+) -> tuple[int, int, int]:
+    """Returns (groups, in_features, out_features) of a weight stored in ``weight_layout``."""
+    check_weight_layout(weight_layout)
+    dims = WEIGHT_LAYOUTS[weight_layout]
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 3:
         raise ValueError(
-            f"weight must have shape (groups, out_features, in_features), got {tuple(weight.shape)}"
+            f"weight_layout={weight_layout!r} takes a weight of shape {dims}, got {tuple(weight.shape)}"
         )
-    groups, out_features, in_features = weight.shape
+    groups, in_features, out_features = weight_dims(weight.shape, weight_layout)
     if min(groups, out_features, in_features) < 1:
         raise ValueError(f"weight must have no empty dim, got shape {tuple(weight.shape)}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (groups, out_features):
-            raise ValueError(
-                f"bias must have shape (groups, out_features) = {(groups, out_features)}, "
-                f"got {tuple(bias.shape)}"
+        if bias_layout_of(bias.shape, groups, out_features) is None:
+            shapes = " or ".join(
+                f"{dims} = {bias_shape(groups, out_features, name)}" for name, dims in BIAS_LAYOUTS.items()
             )
+            raise ValueError(f"bias must have shape {shapes}, got {tuple(bias.shape)}")
     return groups, in_features, out_features
 
 
-def check_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str) -> None:
+def check_input(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str, weight_layout: str = "out_in"
+) -> None:
     """Validates a forward call; raises ValueError/TypeError naming expected vs got."""
     lay = layout_of(layout)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    groups, in_features, _ = check_weight(weight, bias)
+    groups, in_features, _ = check_weight(weight, bias, weight_layout)
     lay.check_input(x, groups, in_features)
     tensors = {"x": x, "weight": weight} | ({"bias": bias} if bias is not None else {})
     for name, t in tensors.items():
