@@ -266,3 +266,75 @@ def test_ensemble_layout_under_vmap(close):
     got = vmap(lambda xi: grouped_linear(xi, w, b, layout="ensemble", weight_layout="in_out"))(xs)
     want = torch.stack([torch.baddbmm(b.double()[:, None], xi.double(), w.double()) for xi in xs])
     assert got.shape == want.shape and (got.double() - want).abs().max().item() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# layout="shared": one input (..., K) read by every group -> (G, ..., O)
+
+
+@pytest.mark.parametrize("weight_layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("lead", [(1,), (37,), (2, 5), ()], ids=["one-row", "rows", "2d-rows", "1d-x"])
+def test_shared_input_matches_float64(lead, weight_layout, ref_grads, close):
+    """The first layer of an ensemble: x (B, K) for every member; grad_x sums over them."""
+    from tvmgroup.weights import as_out_in, weight_shape
+
+    g, k, o = 5, 12, 7
+    x = torch.randn(*lead, k, requires_grad=True)
+    weight = torch.randn(weight_shape(g, k, o, weight_layout), requires_grad=True)
+    bias = torch.randn(g, 1, o, requires_grad=True)
+    y = grouped_linear(x, weight, bias, layout="shared", weight_layout=weight_layout)
+    assert y.shape == (g, *lead, o)
+    grad_y = torch.randn_like(y)
+    x_members = x.detach().expand(g, *x.shape)
+    expect = ref_grads(x_members, as_out_in(weight.detach(), weight_layout), bias.detach().reshape(g, o), grad_y, "ensemble")
+    close(y, *expect["y"], what="y")
+    y.backward(grad_y)
+    value, mag, depth = expect["x"]  # per member: the input's gradient is their sum
+    close(x.grad, value.sum(0), mag.sum(0), depth + g, what="grad_x")
+    value, mag, depth = expect["weight"]
+    close(weight.grad, as_out_in(value, weight_layout), as_out_in(mag, weight_layout), depth, what="grad_weight")
+    value, mag, depth = expect["bias"]
+    close(bias.grad, value.reshape(g, 1, o), mag.reshape(g, 1, o), depth, what="grad_bias")
+
+
+def test_shared_input_is_read_in_place(monkeypatch):
+    """The kernels get the input expanded over the groups (stride 0), not a G-fold copy."""
+    from tvmgroup import ops
+
+    seen = []
+    real = ops._run
+
+    def spy(op, weight, layout, bias, rows, weight_layout, *args):
+        seen.append((op, layout, args[0].stride(), args[0].data_ptr()))
+        return real(op, weight, layout, bias, rows, weight_layout, *args)
+
+    monkeypatch.setattr(ops, "_run", spy)
+    x = torch.randn(37, 12)
+    grouped_linear(x, torch.randn(5, 12, 7), layout="shared", weight_layout="in_out")
+    assert seen == [("forward", "ensemble", (0, 12, 1), x.data_ptr())]
+
+
+def test_shared_input_errors():
+    with pytest.raises(ValueError, match=r"layout='shared' expects x of shape \(..., in_features=12\), read by every group; got x of shape \(37, 10\)"):
+        grouped_linear(torch.randn(37, 10), torch.randn(5, 12, 7), layout="shared", weight_layout="in_out")
+    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv', 'ensemble', 'shared'\), got 'share'"):
+        grouped_linear(torch.randn(37, 12), torch.randn(5, 12, 7), layout="share")
+
+
+def test_shared_input_layer_and_compile():
+    from tvmgroup import GroupedLinear
+
+    torch._dynamo.reset()
+    layer = GroupedLinear(5, 12, 7, layout="shared", weight_layout="in_out", bias_layout="broadcast")
+    x = torch.randn(9, 12)
+    compiled = torch.compile(layer, fullgraph=True)
+    results = []
+    for fn in (layer, compiled):
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), xi.grad, layer.weight.grad, layer.bias.grad))
+    assert results[0][0].shape == (5, 9, 7)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

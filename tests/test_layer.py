@@ -48,7 +48,7 @@ def test_module_forward_and_repr(ref_grads, close):
         ({"in_features": -1}, "in_features must be a positive int, got -1"),
         ({"out_features": 2.0}, "out_features must be a positive int, got 2.0"),
         ({"groups": True}, "groups must be a positive int, got True"),
-        ({"layout": "nlc"}, r"layout must be one of \('last', 'conv', 'ensemble'\), got 'nlc'"),
+        ({"layout": "nlc"}, r"layout must be one of \('last', 'conv', 'ensemble', 'shared'\), got 'nlc'"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, match):

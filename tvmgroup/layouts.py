@@ -276,6 +276,18 @@ def _rows_compact(view: torch.Tensor | None) -> torch.Tensor | None:
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (FeaturesLast(), Conv(), EnsembleFirst())}
 
 
+# Not a kernel layout: one input ``(..., K)`` read by every group, output ``(G, ..., O)``. It
+# runs on the "ensemble" kernels with the input expanded over the groups (stride 0, read in
+# place); autograd of that expand sums grad_x over the groups.
+SHARED_INPUT = "shared"
+SHARED_INPUT_KERNELS = "ensemble"
+
+
+def layout_names() -> tuple[str, ...]:
+    """What the ``layout`` argument of the functional form and the module takes."""
+    return (*LAYOUTS, SHARED_INPUT)
+
+
 def layout_of(name: str) -> Layout:
     """The registered layout called ``name``; ``ValueError`` naming the choices otherwise."""
     try:
