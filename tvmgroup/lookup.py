@@ -84,6 +84,8 @@ def tune_command(spec: OpSpec, target: tvm.target.Target) -> str:
     ]
     if not spec.bias:
         words.append("--no-bias")
+    if spec.weight_layout != "out_in":
+        words.append(f"--weight-layout {spec.weight_layout}")
     words.append(f"--target {tgt}")
     return " ".join(words)
 
