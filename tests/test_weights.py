@@ -119,8 +119,13 @@ def test_clear_errors(kwargs, match):
 
 
 def test_in_out_x_of_the_wrong_width_names_in_features():
-    with pytest.raises(ValueError, match=r"groups\*in_features = 3\*5 = 15"):
+    with pytest.raises(ValueError, match=r"groups\*in_features = 3\*5 = 15, got x of shape \(7, 12\) \(weight \(3, 5, 4\) "
+                                         r"read as weight_layout='out_in' \(groups, out_features, in_features\) would fit\)"):
         grouped_linear(torch.randn(7, 12), torch.randn(3, 5, 4), weight_layout="in_out")
+    with pytest.raises(ValueError, match=r"in_features=4\), got x of shape \(3, 9, 5\) \(weight \(3, 5, 4\) read as weight_layout='in_out'"):
+        grouped_linear(torch.randn(3, 9, 5), torch.randn(3, 5, 4), layout="ensemble")  # an (E, in, out) weight
+    with pytest.raises(ValueError, match=r"= 15, got x of shape \(7, 16\)$"):
+        grouped_linear(torch.randn(7, 16), torch.randn(3, 5, 4), weight_layout="in_out")  # fits neither: no note
 
 
 # -- custom ops -------------------------------------------------------------------------------

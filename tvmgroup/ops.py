@@ -116,7 +116,8 @@ def _backward_pass(
 def grouped_linear_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str, weight_layout: str = "out_in"
 ) -> Tensor:
-    """y = x @ weight[g].T + bias[g] per group, in the user's layout ("last" or "conv")."""
+    """y = x @ weight[g].T + bias[g] per group, in the user's layout (a kernel layout of
+    :mod:`tvmgroup.layouts`), the weight stored in ``weight_layout``."""
     check_input(x, weight, bias, layout, weight_layout)
     return forward(x, weight, bias, layout, weight_layout)
 

@@ -60,7 +60,10 @@ def check_input(
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     groups, in_features, _ = check_weight(weight, bias, weight_layout)
-    lay.check_input(x, groups, in_features)
+    try:
+        lay.check_input(x, groups, in_features)
+    except ValueError as err:
+        raise ValueError(f"{err}{_other_convention_hint(x, weight, lay, weight_layout)}") from None
     tensors = {"x": x, "weight": weight} | ({"bias": bias} if bias is not None else {})
     for name, t in tensors.items():
         if t.device != x.device:
@@ -68,6 +71,18 @@ def check_input(
         if t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
     check_dtype(x)
+
+
+def _other_convention_hint(x: torch.Tensor, weight: torch.Tensor, lay, weight_layout: str) -> str:
+    """A note when x would fit the weight read in the other convention (a (G, K, O) weight
+    passed as (G, O, K), or the reverse)."""
+    other = next(name for name in WEIGHT_LAYOUTS if name != weight_layout)
+    groups, in_features, _ = weight_dims(weight.shape, other)
+    try:
+        lay.check_input(x, groups, in_features)
+    except ValueError:
+        return ""
+    return f" (weight {tuple(weight.shape)} read as weight_layout={other!r} {WEIGHT_LAYOUTS[other]} would fit)"
 
 
 def check_dtype(x: torch.Tensor) -> None:
