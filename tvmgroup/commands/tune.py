@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tvmgroup.commands.arguments import positive
 from tvmgroup.compute import LAYOUTS, OPS
+from tvmgroup.weights import WEIGHT_LAYOUTS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="storage dtype (default float32); the target must run it (CPU: float32)")
     p.add_argument("--layout", choices=LAYOUTS, default="last")
+    p.add_argument("--weight-layout", choices=tuple(WEIGHT_LAYOUTS), default="out_in",
+                   help="how the weight is stored: out_in (G, O, K) or in_out (G, K, O) (default out_in)")
     p.add_argument("--no-bias", dest="bias", action="store_false", help="the layer has no bias")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops (default {','.join(OPS)})")
     p.add_argument("--target", default="llvm", help="'llvm' (this CPU), 'cuda' (this GPU) or 'cuda:sm_XX'")
@@ -75,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"tuning for {target_key(target)} at {rows} rows, {args.trials} trials per op, {args.space} space -> {root}")
     start = time.perf_counter()
     for op in _ops(args.ops):
-        spec = OpSpec(op, args.groups, args.in_features, args.out_features, args.dtype, args.layout, args.bias)
+        spec = OpSpec(
+            op, args.groups, args.in_features, args.out_features, args.dtype, args.layout, args.bias,
+            args.weight_layout,
+        )
         req = TuneRequest(spec, target, rows, args.trials, root, args.space, keep, args.seed, args.batch)
         result = tune_op(req, progress=not args.quiet)
         best = f"{result.best_seconds * 1e6:.1f} us" if math.isfinite(result.best_seconds) else "none"
