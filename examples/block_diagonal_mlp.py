@@ -7,8 +7,10 @@ layer a grouped 1x1 convolution ``nn.Conv1d(M*in, M*out, kernel_size=1, groups=M
 to the features seen as ``(batch, M*in, 1)``. Every block sees the whole input; the output
 is ``(batch, M, classes)``, one prediction per block.
 
-The tvmgroup version makes each layer one ``GroupedLinear(M, in, out)`` on the features as
-they are, ``(batch, M*in)``: no reshape to a length-1 sequence. Run
+The tvmgroup version makes each layer one ``GroupedLinear(M, in, out)``: the first with
+``layout="shared"``, which reads the one input ``(batch, in)`` for every block (no repeat),
+the others with ``layout="ensemble"`` on ``(M, batch, features)``: no reshape to a length-1
+sequence. Run
 ``python examples/block_diagonal_mlp.py`` to compare the two on random data, ``--time`` to
 time a forward and backward pass of each.
 """
@@ -44,19 +46,22 @@ class PackedMLP(nn.Module):
 
 
 class GroupedMLP(nn.Module):
-    """The same model with one ``GroupedLinear`` (groups = blocks) per layer, features last."""
+    """The same model with one ``GroupedLinear`` (groups = blocks) per layer, blocks first."""
 
     def __init__(self, in_features: int, hidden: int, classes: int, blocks: int = 4) -> None:
         super().__init__()
         self.blocks, self.classes = blocks, classes
         sizes = [in_features, hidden, hidden, classes]
-        self.layers = nn.ModuleList([GroupedLinear(blocks, i, o) for i, o in zip(sizes, sizes[1:])])
+        layouts = ["shared"] + ["ensemble"] * (len(sizes) - 2)  # (B, in) -> (blocks, B, hidden) -> ...
+        self.layers = nn.ModuleList(
+            [GroupedLinear(blocks, i, o, layout=lay) for i, o, lay in zip(sizes, sizes[1:], layouts)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, blocks, classes)
-        h = x.repeat(1, self.blocks)  # (B, blocks*in); a shared-input layout would skip this copy
+        h = x  # read by every block in place
         for layer in self.layers[:-1]:
             h = torch.relu(layer(h))
-        return self.layers[-1](h).view(x.shape[0], self.blocks, self.classes)
+        return self.layers[-1](h).transpose(0, 1)  # (blocks, B, classes) -> (B, blocks, classes)
 
     @classmethod
     def from_original(cls, model: PackedMLP) -> "GroupedMLP":

@@ -8,8 +8,9 @@ whose input is ``(E, batch, in)``, computed as ``x @ weight + bias``. Its divers
 penalises aligned action gradients of the members, ``dQ_i/da``, which are made with
 ``create_graph=True`` and then differentiated into the parameters: a double backward.
 
-The tvmgroup version makes each layer one ``GroupedLinear(E, in, out)`` on features-last
-input ``(batch, E*in)``. Run ``python examples/ensemble_critic.py`` to compare the two on
+The tvmgroup version makes each layer one ``GroupedLinear(E, in, out, layout="ensemble",
+weight_layout="in_out", bias_layout="broadcast")``: the same input ``(E, batch, in)``, the same
+parameters, stored as the original stores them (its checkpoints load as they are). Run ``python examples/ensemble_critic.py`` to compare the two on
 random data, ``--time`` to time one critic update (forward, diversity loss, backward) of
 each.
 """
@@ -77,6 +78,14 @@ class VectorizedCritic(nn.Module):
 # the tvmgroup formulation
 
 
+def _ensemble_layer(members: int, in_features: int, out_features: int) -> GroupedLinear:
+    """A ``VectorizedLinear`` as one ``GroupedLinear``: ``(E, B, in) -> (E, B, out)``, weight
+    ``(E, in, out)`` and bias ``(E, 1, out)`` as the original keeps them."""
+    return GroupedLinear(
+        members, in_features, out_features, layout="ensemble", weight_layout="in_out", bias_layout="broadcast"
+    )
+
+
 class GroupedCritic(nn.Module):
     """The same ensemble with one ``GroupedLinear`` per layer (groups = members)."""
 
@@ -84,23 +93,19 @@ class GroupedCritic(nn.Module):
         super().__init__()
         self.members = members
         self.layers = nn.ModuleList([
-            GroupedLinear(members, state_dim + action_dim, hidden),
-            GroupedLinear(members, hidden, hidden),
-            GroupedLinear(members, hidden, hidden),
-            GroupedLinear(members, hidden, 1),
+            _ensemble_layer(members, state_dim + action_dim, hidden),
+            _ensemble_layer(members, hidden, hidden),
+            _ensemble_layer(members, hidden, hidden),
+            _ensemble_layer(members, hidden, 1),
         ])
 
     def forward(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         x = torch.cat([state, action], dim=-1)
-        if x.dim() == 2:  # one (s, a) batch for every member: (B, F) -> (B, E*F), a copy per
-            x = x.repeat(1, self.members)  # member (a shared-input layout would need none)
-        else:
-            # (E, B, F) -> (B, E*F): the features-last layout wants the members in the last dim.
-            # An ensemble-first layout would take (E, B, F) as it is, without this copy.
-            x = x.transpose(0, 1).reshape(x.shape[1], -1)
+        if x.dim() == 2:  # one (s, a) batch for every member: an expanded view (stride 0), read
+            x = x.unsqueeze(0).expand(self.members, -1, -1)  # in place by the ensemble kernels
         for layer in self.layers[:-1]:
             x = torch.relu(layer(x))
-        return self.layers[-1](x).T  # (B, E) -> (E, B)
+        return self.layers[-1](x).squeeze(-1)
 
     @classmethod
     def from_original(cls, critic: VectorizedCritic) -> "GroupedCritic":
@@ -113,14 +118,9 @@ class GroupedCritic(nn.Module):
 
 
 def ported_state(critic: VectorizedCritic) -> dict[str, torch.Tensor]:
-    """The original's parameters (or anything shaped like them) as the port's state dict:
-    weights ``(E, in, out) -> (E, out, in)`` (a weight convention of ``(E, in, out)`` would
-    take them as they are), biases ``(E, 1, out) -> (E, out)``."""
-    state = {}
-    for i, layer in enumerate(critic.layers):
-        state[f"layers.{i}.weight"] = layer.weight.detach().transpose(1, 2).contiguous()
-        state[f"layers.{i}.bias"] = layer.bias.detach().squeeze(1)
-    return state
+    """The original's parameters (or anything shaped like them) as the port's state dict: the
+    same names and shapes, taken as they are."""
+    return {name: value.detach() for name, value in critic.state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: K
             _conv_column_sum_in_lanes(sch, name, row_tile)
         else:
             _schedule_column_sum(sch, name, 1 if rows_innermost else row_tile)
-    for name in roles.packs:
+    for name in roles.present_packs(sch):
         if not _is_packed_in_panels(sch, name):
             _schedule_pack(sch, name)
 

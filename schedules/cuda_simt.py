@@ -21,7 +21,7 @@ UNROLL = (0, 16, 64)
 def schedule_simt(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: Knobs) -> None:
     """Applies the template to the op's PrimFunc in ``sch``; its kernels take any row count."""
     roles = loop_roles(op, layout, bias)
-    for name in roles.packs:
+    for name in roles.present_packs(sch):
         # Read the weight in place: an unbound stage would run on the host.
         sch.compute_inline(sch.get_sblock(name))
     for name in (roles.block, *roles.extra_blocks):

@@ -91,7 +91,7 @@ def schedule_tensorcore(sch: s_tir.Schedule, op: str, layout: str, bias: bool, k
     """Applies the template to the op's PrimFunc in ``sch`` (float16 or bfloat16)."""
     names = intrinsics(str(sch.mod["main"].params[0].dtype))
     roles = loop_roles(op, layout, bias)
-    for pack in roles.packs:
+    for pack in roles.present_packs(sch):
         sch.compute_inline(sch.get_sblock(pack))
     for name in roles.extra_blocks:  # grad_bias: a plain row sum, no matmul
         one_thread_per_output(sch, name, knobs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
+import tvm_ffi
 from tvm import s_tir
 
 from tvmgroup.layouts import layout_of
@@ -26,16 +27,31 @@ class LoopRoles:
     row: int  # index of the register-blocked spatial loop
     vector_symbolic: bool  # whether the vector (last spatial) loop is symbolic
     extra_blocks: tuple[str, ...] = ()  # reductions computed beside the main one
-    packs: tuple[str, ...] = ()  # layout copies of the (small) weight
+    packs: tuple[str, ...] = ()  # layout copies of the (small) weight the op may have
+
+    def present_packs(self, sch: s_tir.Schedule) -> list[str]:
+        """The pack stages this op's PrimFunc has: which one (if any) depends on how the
+        weight is stored (forward packs a (G, O, K) weight, grad_input a (G, K, O) one).
+
+        Read from the IR, not through schedule instructions: a trace must hold only the
+        instructions the templates' allow-list names (``knobs.py``)."""
+        names: set[str] = set()
+        tvm_ffi.structural_walk(sch.mod["main"].body, (s_tir.SBlock, lambda b: names.add(b.name_hint)))
+        return [name for name in self.packs if name in names]
 
 
 def loop_roles(op: str, layout: str, bias: bool = True) -> LoopRoles:
-    last = not layout_of(layout).rows_innermost
+    lay = layout_of(layout)
+    last = not lay.rows_innermost
+    # Features innermost: the register-blocked loop is the row axis (its position in the
+    # output's axes); rows innermost (conv): the output features.
+    row = lay.row_axis if last else 2
     if op == "forward":
         packs = ("weight_packed",) if last else ()
-        return LoopRoles("y", 3 if last else 4, 0 if last else 2, not last, packs=packs)
+        return LoopRoles("y", 3 if last else 4, row, not last, packs=packs)
     if op == "grad_input":
-        return LoopRoles("grad_x", 3 if last else 4, 0 if last else 2, not last)
+        packs = ("weight_packed",) if last else ()
+        return LoopRoles("grad_x", 3 if last else 4, row, not last, packs=packs)
     if op == "grad_weight":
         return LoopRoles("grad_weight", 3, 1, False, ("grad_bias",) if bias else ())
     raise ValueError(f"unknown op {op!r}")

@@ -29,7 +29,7 @@ def test_grad_input_spec_ignores_bias():
     "kwargs, match",
     [
         ({"op": "backward"}, r"op must be one of \('forward', 'grad_input', 'grad_weight'\), got 'backward'"),
-        ({"layout": "nlc"}, r"layout must be one of \('last', 'conv'\), got 'nlc'"),
+        ({"layout": "nlc"}, r"layout must be one of \('last', 'conv', 'ensemble'\), got 'nlc'"),
         ({"groups": 0}, "groups must be a positive int, got 0"),
         ({"in_features": 2.5}, "in_features must be a positive int, got 2.5"),
         ({"out_features": -3}, "out_features must be a positive int, got -3"),
@@ -78,17 +78,25 @@ def _unscheduled(spec: OpSpec):
 
 
 def _as_kernel_layout(t: torch.Tensor, layout: str, features: int) -> torch.Tensor:
-    if layout == "last":
-        return t.view(t.shape[0], G, features)
-    return t.view(t.shape[0], G, features, t.shape[2])
+    from tvmgroup.layouts import layout_of
+
+    view = layout_of(layout).kernel_view(t, G, features)
+    assert view.data_ptr() == t.data_ptr()
+    return view
+
+
+_USER_SHAPES = {  # (x, y) in each layout's user shape
+    "last": ((13, G * K), (13, G * O)),
+    "conv": ((2, G * K, 7), (2, G * O, 7)),
+    "ensemble": ((G, 13, K), (G, 13, O)),
+}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_unscheduled_computes_match_float64(layout, ref_grads, close):
     """The computes alone, without any schedule, define the right op (symbolic rows)."""
-    shape = (13, G * K) if layout == "last" else (2, G * K, 7)
+    shape, y_shape = _USER_SHAPES[layout]
     x, weight, bias = torch.randn(shape), torch.randn(G, O, K), torch.randn(G, O)
-    y_shape = (13, G * O) if layout == "last" else (2, G * O, 7)
     grad_y = torch.randn(y_shape)
     expect = ref_grads(x, weight, bias, grad_y, layout)
 

@@ -133,3 +133,23 @@ def test_factory_from_a_file(tmp_path):
     )
     model, inputs = model_from_factory(f"{path}:make")
     assert isinstance(model, GroupedLinear) and inputs[0].shape == (6, 6)
+
+
+def test_weight_convention_and_shared_input_reach_the_op_shapes():
+    from tvmgroup import GroupedLinear
+    from tvmgroup.discovery import find_layers, op_shapes
+
+    model = torch.nn.Sequential(
+        GroupedLinear(3, 8, 16, layout="shared", weight_layout="in_out"),
+        GroupedLinear(3, 16, 4, layout="ensemble", weight_layout="in_out"),
+    )
+    calls = find_layers(model, torch.randn(10, 8))
+    assert [c.rows for c in calls] == [10, 10]
+    specs = {s.spec for s in op_shapes(calls)}
+    assert all(spec.weight_layout == "in_out" and spec.layout == "ensemble" for spec in specs)
+    from tvmgroup.kernel import KERNELS
+
+    with torch.no_grad():
+        assert model(torch.randn(10, 8)).shape == (3, 10, 4)
+    ran = {key[0] for key in KERNELS._kernels}  # the specs of the kernels the model ran
+    assert {spec for spec in specs if spec.op == "forward"} <= ran

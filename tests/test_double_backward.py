@@ -2,12 +2,14 @@
 (``EagerGroupedLinear`` and its backward Functions) and through the registered ops.
 
 Every result is checked against the same computation written with plain torch ops in float64
-(``_linear64``), on random inputs with K != O so a transposed weight cannot pass.
+(``_linear64``), on random inputs with K != O so a transposed weight cannot pass, for every
+layout and both weight conventions (``CASES``).
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,45 +17,84 @@ from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp
 
 from tvmgroup import grouped_linear
 from tvmgroup.ops import grad_input_op, grad_weight_op, grouped_linear_op
+from tvmgroup.weights import bias_shape, weight_shape
 
 G, K, O = 3, 4, 5
-LAYOUTS = ["last", "conv"]
 
 
-def _x_shape(layout: str) -> tuple[int, ...]:
-    return (7, G * K) if layout == "last" else (2, G * K, 6)
+@dataclass(frozen=True)
+class Case:
+    """A layout with a weight convention and a bias shape (:mod:`tvmgroup.weights`)."""
+
+    layout: str
+    weight_layout: str = "out_in"
+    bias_layout: str = "grouped"
 
 
-def _linear64(x, weight, bias, layout="last"):
+# Test parameters name cases: a layout alone has the default parameters; "-in_out" stores the
+# weight (G, K, O) and the bias (G, 1, O), as RL ensembles keep them.
+CASES = {
+    "last": Case("last"),
+    "conv": Case("conv"),
+    "last-in_out": Case("last", "in_out", "broadcast"),
+    "conv-in_out": Case("conv", "in_out", "broadcast"),
+    "ensemble": Case("ensemble"),
+    "ensemble-in_out": Case("ensemble", "in_out", "broadcast"),
+    "shared-in_out": Case("shared", "in_out", "broadcast"),
+}
+
+
+def _x_shape(case: str) -> tuple[int, ...]:
+    return {
+        "last": (7, G * K), "conv": (2, G * K, 6), "ensemble": (G, 2, 3, K), "shared": (7, K)
+    }[CASES[case].layout]
+
+
+def _linear64(x, weight, bias, case="last"):
     """The op with differentiable torch ops (einsum), for the float64 side of each check."""
-    g, o, k = weight.shape
-    if layout == "last":
-        y = torch.einsum("...gk,gok->...go", x.reshape(*x.shape[:-1], g, k), weight)
-        if bias is not None:
-            y = y + bias
+    c = CASES[case]
+    w = weight if c.weight_layout == "out_in" else weight.transpose(1, 2)  # (G, O, K)
+    g, o, k = w.shape
+    b = bias.reshape(g, o) if bias is not None else None
+    if c.layout == "last":
+        y = torch.einsum("...gk,gok->...go", x.reshape(*x.shape[:-1], g, k), w)
+        if b is not None:
+            y = y + b
         return y.reshape(*x.shape[:-1], g * o)
-    y = torch.einsum("bgkl,gok->bgol", x.reshape(x.shape[0], g, k, x.shape[-1]), weight)
-    if bias is not None:
-        y = y + bias[None, :, :, None]
-    return y.reshape(x.shape[0], g * o, x.shape[-1])
+    if c.layout == "conv":
+        y = torch.einsum("bgkl,gok->bgol", x.reshape(x.shape[0], g, k, x.shape[-1]), w)
+        if b is not None:
+            y = y + b[None, :, :, None]
+        return y.reshape(x.shape[0], g * o, x.shape[-1])
+    rows = x.shape[1:-1] if c.layout == "ensemble" else x.shape[:-1]
+    y = torch.einsum("g...k,gok->g...o" if c.layout == "ensemble" else "...k,gok->g...o", x, w)
+    if b is not None:
+        y = y + b.view(g, *[1] * len(rows), o)
+    return y
 
 
-def _tvmgroup(x, weight, bias, layout="last"):
-    return grouped_linear(x, weight, bias, layout=layout)
+def _tvmgroup(x, weight, bias, case="last"):
+    c = CASES[case]
+    return grouped_linear(x, weight, bias, layout=c.layout, weight_layout=c.weight_layout)
 
 
-def _op(x, weight, bias, layout="last"):
-    """The registered op, called directly (as under compile, export, modes or subclasses)."""
-    return grouped_linear_op(x, weight, bias, layout)
+def _op(x, weight, bias, case="last"):
+    """The registered op, called directly (as under compile, export, modes or subclasses);
+    a shared input expanded over the groups, as the functional form passes it."""
+    c = CASES[case]
+    if c.layout == "shared":
+        return grouped_linear_op(x.expand(G, *x.shape), weight, bias, "ensemble", c.weight_layout)
+    return grouped_linear_op(x, weight, bias, c.layout, c.weight_layout)
 
 
 PATHS = {"eager": _tvmgroup, "op": _op}
 
 
-def _inputs(layout: str, bias: bool):
-    x = torch.randn(_x_shape(layout))
-    weight = torch.randn(G, O, K)
-    b = torch.randn(G, O) if bias else None
+def _inputs(case: str, bias: bool):
+    c = CASES[case]
+    x = torch.randn(_x_shape(case))
+    weight = torch.randn(weight_shape(G, K, O, c.weight_layout))
+    b = torch.randn(bias_shape(G, O, c.bias_layout)) if bias else None
     return x, weight, b
 
 
@@ -65,25 +106,25 @@ def _close(got, want, tol=1e-4, what=""):
     assert err <= tol * (1 + want.abs().max().item()), f"{what}: error {err:.3e}, |want| {want.abs().max().item():.3e}"
 
 
-def _second_order_loss(f, x, weight, bias, layout):
+def _second_order_loss(f, x, weight, bias, case):
     """A loss on all first-order gradients (made with create_graph=True), nonlinear in each,
     so every second-order term (and the bias one) reaches the parameters."""
-    y = f(x, weight, bias, layout)
+    y = f(x, weight, bias, case)
     wrt = [t for t in (x, weight, bias) if t is not None]
     grads = torch.autograd.grad(y.tanh().sum(), wrt, create_graph=True)
     return sum((g.pow(2) * (i + 1)).sum() + g.sin().sum() for i, g in enumerate(grads))
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_double_backward_matches_float64(path, layout, bias):
+def test_double_backward_matches_float64(path, case, bias):
     def run(leaves, f):
-        loss = _second_order_loss(f, *leaves, layout)
+        loss = _second_order_loss(f, *leaves, case)
         wrt = [t for t in leaves if t is not None]
         return torch.autograd.grad(loss, wrt)
 
-    tensors = _inputs(layout, bias)
+    tensors = _inputs(case, bias)
     leaves32 = [t.clone().requires_grad_() if t is not None else None for t in tensors]
     leaves64 = [t.double().requires_grad_() if t is not None else None for t in tensors]
     got, want = run(leaves32, PATHS[path]), run(leaves64, _linear64)
@@ -93,16 +134,16 @@ def test_double_backward_matches_float64(path, layout, bias):
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_each_second_order_term_alone(path, layout):
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_second_order_term_alone(path, case):
     """One upstream at a time (the others unused): gradients of grad_x, grad_weight and
     grad_bias with respect to each parameter, so no term can hide behind another."""
     f = PATHS[path]
-    tensors = _inputs(layout, True)
+    tensors = _inputs(case, True)
     for first in range(3):
 
         def run(leaves, f):
-            y = f(*leaves, layout)
+            y = f(*leaves, case)
             g = torch.autograd.grad((y * y).sum(), leaves[first], create_graph=True)[0]
             probe = torch.linspace(-1, 1, g.numel(), dtype=g.dtype).reshape(g.shape)
             out = torch.autograd.grad((g * probe).sum(), leaves, allow_unused=True)
@@ -115,18 +156,18 @@ def test_each_second_order_term_alone(path, layout):
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_triple_backward_matches_float64(path, layout):
+@pytest.mark.parametrize("case", list(CASES))
+def test_triple_backward_matches_float64(path, case):
     """Third derivatives: the backward of the backward is differentiable again."""
 
     def run(leaves, f):
         x, weight, bias = leaves
-        y = f(x, weight, bias, layout)
+        y = f(x, weight, bias, case)
         (gx,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
         (gw,) = torch.autograd.grad(gx.pow(2).sum(), weight, create_graph=True)
         return torch.autograd.grad(gw.pow(2).sum() + gw.sum(), leaves)
 
-    tensors = _inputs(layout, True)
+    tensors = _inputs(case, True)
     leaves32 = [t.clone().requires_grad_() for t in tensors]
     leaves64 = [t.double().requires_grad_() for t in tensors]
     for name, g, w in zip(("x", "weight", "bias"), run(leaves32, PATHS[path]), run(leaves64, _linear64)):
@@ -134,28 +175,28 @@ def test_triple_backward_matches_float64(path, layout):
         _close(g, w, what=f"d3/d{name}")
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradgradcheck_of_the_layer(layout):
+@pytest.mark.parametrize("case", list(CASES))
+def test_gradgradcheck_of_the_layer(case):
     """torch.autograd.gradgradcheck (reverse over reverse and forward over reverse) against
     finite differences. The inputs are float32 (what the kernels run); the backward is
     bilinear, so central differences with a large step are exact up to rounding."""
-    x, weight, bias = (t.requires_grad_() for t in _inputs(layout, True))
+    x, weight, bias = (t.requires_grad_() for t in _inputs(case, True))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*double precision.*")
         assert torch.autograd.gradgradcheck(
-            lambda x, w, b: _tvmgroup(x, w, b, layout).pow(2), (x, weight, bias),
+            lambda x, w, b: _tvmgroup(x, w, b, case).pow(2), (x, weight, bias),
             eps=1e-2, atol=2e-3, rtol=2e-3, check_fwd_over_rev=True, check_batched_grad=True,
         )
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_batched_upstream_gradients(layout):
+@pytest.mark.parametrize("case", list(CASES))
+def test_batched_upstream_gradients(case):
     """torch.autograd.grad(..., is_grads_batched=True) hands the backward legacy batched
     tensors (no storage): each member's gradients, first and second order, are right."""
-    x, weight, bias = _inputs(layout, True)
+    x, weight, bias = _inputs(case, True)
 
     def run(leaves, f):
-        y = f(*leaves, layout)
+        y = f(*leaves, case)
         v = torch.linspace(-1, 1, 3 * y.numel(), dtype=y.dtype).reshape(3, *y.shape)
         first = torch.autograd.grad(y.pow(2), leaves, v, is_grads_batched=True, create_graph=True)
         second = torch.autograd.grad(first[0].pow(2).sum(), leaves)
@@ -167,13 +208,13 @@ def test_batched_upstream_gradients(layout):
         _close(g, w, what=f"gradient {i}")
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_func_grad_of_grad(layout):
-    x, weight, bias = _inputs(layout, True)
+@pytest.mark.parametrize("case", list(CASES))
+def test_func_grad_of_grad(case):
+    x, weight, bias = _inputs(case, True)
 
     def outer(f):
         def inner(x, w, b):
-            return f(x, w, b, layout).tanh().sum()
+            return f(x, w, b, case).tanh().sum()
 
         def loss(w, b, x):
             gx = grad(inner)(x, w, b)
@@ -203,14 +244,14 @@ def test_hessians_by_every_composition_of_jacfwd_and_jacrev():
     _close(jacfwd(jacrev(g))(x), jacfwd(jacrev(g64))(x64))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_hessian_vector_products(layout):
+@pytest.mark.parametrize("case", list(CASES))
+def test_hessian_vector_products(case):
     """Forward over reverse (jvp of grad) and reverse over reverse (vjp of grad)."""
-    x, weight, bias = _inputs(layout, True)
+    x, weight, bias = _inputs(case, True)
     v = tuple(torch.randn_like(t) for t in (x, weight, bias))
 
     def loss(f):
-        return lambda x, w, b: f(x, w, b, layout).tanh().sum()
+        return lambda x, w, b: f(x, w, b, case).tanh().sum()
 
     def hvps(f, args, v):
         g = grad(loss(f), argnums=(0, 1, 2))
@@ -266,25 +307,63 @@ def test_diversity_loss_through_action_gradients():
         _close(g, w, what=name)
 
 
+def test_diversity_loss_with_ensemble_parameters():
+    """The same pattern as an RL ensemble stores it: weights (E, in, out), biases (E, 1, out),
+    a shared first layer on (s, a) and "ensemble" layers after it."""
+    members, state_dim, action_dim, hidden = 3, 3, 2, 8
+    w1, b1 = torch.randn(members, state_dim + action_dim, hidden), torch.randn(members, 1, hidden)
+    w2, b2 = torch.randn(members, hidden, hidden), torch.randn(members, 1, hidden)
+    w3, b3 = torch.randn(members, hidden, 1), torch.randn(members, 1, 1)
+    state, action = torch.randn(6, state_dim), torch.randn(6, action_dim)
+
+    def loss(f, w1, b1, w2, b2, w3, b3):
+        a = action.to(w1.dtype).requires_grad_()
+        sa = torch.cat([state.to(w1.dtype), a], dim=-1)
+        h = torch.relu(f(sa, w1, b1, "shared-in_out")).tanh()  # (E, batch, hidden)
+        q = f(torch.relu(f(h, w2, b2, "ensemble-in_out")), w3, b3, "ensemble-in_out")  # (E, batch, 1)
+        (dq_da,) = torch.autograd.grad(q.sum(), a, create_graph=True)
+        per_member = torch.autograd.grad(q[0].sum(), a, create_graph=True)[0]
+        return q.pow(2).mean() + dq_da.pow(2).sum() + (per_member * dq_da).sum()
+
+    params = (w1, b1, w2, b2, w3, b3)
+    for path in PATHS.values():
+        leaves32 = [p.clone().requires_grad_() for p in params]
+        leaves64 = [p.double().requires_grad_() for p in params]
+        got = torch.autograd.grad(loss(path, *leaves32), leaves32)
+        want = torch.autograd.grad(loss(_linear64, *leaves64), leaves64)
+        for name, g, w in zip(("w1", "b1", "w2", "b2", "w3", "b3"), got, want):
+            assert w.abs().max() > 0
+            _close(g, w, what=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # the registered backward ops
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_grad_input_with_autograd(layout):
-    grad_y = torch.randn((13, G * O) if layout == "last" else (2, G * O, 13), requires_grad=True)
-    weight = torch.randn(G, O, K, requires_grad=True)
-    torch.library.opcheck(grad_input_op, (grad_y, weight, layout), raise_exception=True)
+# the kernel layouts, each with both weight conventions
+OP_CASES = [c for c in CASES if CASES[c].layout != "shared"]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+def _rows_tensor(case: str, features: int) -> torch.Tensor:
+    shape = {"last": (13, G * features), "conv": (2, G * features, 13), "ensemble": (G, 13, features)}
+    return torch.randn(shape[CASES[case].layout], requires_grad=True)
+
+
+@pytest.mark.parametrize("case", OP_CASES)
+def test_opcheck_grad_input_with_autograd(case):
+    c = CASES[case]
+    weight = torch.randn(weight_shape(G, K, O, c.weight_layout), requires_grad=True)
+    args = (_rows_tensor(case, O), weight, c.layout, c.weight_layout)
+    torch.library.opcheck(grad_input_op, args, raise_exception=True)
+
+
+@pytest.mark.parametrize("case", OP_CASES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_opcheck_grad_weight_with_autograd(layout, with_bias):
-    shape = (13, G * O) if layout == "last" else (2, G * O, 13)
-    grad_y = torch.randn(shape, requires_grad=True)
-    x = torch.randn((13, G * K) if layout == "last" else (2, G * K, 13), requires_grad=True)
-    weight = torch.randn(G, O, K, requires_grad=True)  # gives shapes only: no gradient
-    torch.library.opcheck(grad_weight_op, (grad_y, x, weight, with_bias, layout), raise_exception=True)
+def test_opcheck_grad_weight_with_autograd(case, with_bias):
+    c = CASES[case]
+    weight = torch.randn(weight_shape(G, K, O, c.weight_layout), requires_grad=True)  # shapes only: no gradient
+    args = (_rows_tensor(case, O), _rows_tensor(case, K), weight, with_bias, c.layout, c.weight_layout)
+    torch.library.opcheck(grad_weight_op, args, raise_exception=True)
 
 
 def test_registered_double_backward_records_the_registered_ops():

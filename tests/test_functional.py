@@ -182,3 +182,163 @@ def test_large_groups_match_float64(rows, inputs, ref_grads, close):
     """Groups large enough for the panel schedule, with row counts off its tile."""
     x, weight, bias = inputs(2, 128, 144, (rows, 2 * 128))
     _check_forward_backward(x, weight, bias, "last", ref_grads, close)
+
+
+# ---------------------------------------------------------------------------------------------
+# layout="ensemble": (G, ..., K) -> (G, ..., O), read in place (strided views included)
+
+
+def _check_ensemble(x, weight, bias, weight_layout, ref_grads, close) -> None:
+    """Forward and all gradients against float64; parameters in ``weight_layout``."""
+    from tvmgroup.weights import as_out_in
+
+    g = x.shape[0]
+    for t in (x, weight, bias):
+        if t is not None:
+            t.requires_grad_()
+    y = grouped_linear(x, weight, bias, layout="ensemble", weight_layout=weight_layout)
+    grad_y = torch.randn_like(y)
+    o = y.shape[-1]
+    bias_go = bias.detach().reshape(g, o) if bias is not None else None
+    expect = ref_grads(x.detach(), as_out_in(weight.detach(), weight_layout), bias_go, grad_y, "ensemble")
+    close(y, *expect["y"], what=f"y {tuple(x.shape)}")
+    y.backward(grad_y)
+    close(x.grad, *expect["x"], what="grad_x")
+    value, mag, depth = expect["weight"]
+    close(weight.grad, as_out_in(value, weight_layout), as_out_in(mag, weight_layout), depth, what="grad_weight")
+    if bias is not None:
+        value, mag, depth = expect["bias"]
+        close(bias.grad, value.reshape(bias.shape), mag.reshape(bias.shape), depth, what="grad_bias")
+
+
+@pytest.mark.parametrize("weight_layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES + [(2, 128, 144)], ids=SHAPE_IDS + ["panels"])
+def test_ensemble_layout_matches_float64(shape, bias, weight_layout, ref_grads, close):
+    from tvmgroup.weights import weight_shape
+
+    g, k, o = shape
+    for rows in ((1,), (13,), (64,), (2, 3)):
+        x = torch.randn(g, *rows, k)
+        weight = torch.randn(weight_shape(g, k, o, weight_layout))
+        b = torch.randn(g, 1, o) if bias else None
+        _check_ensemble(x, weight, b, weight_layout, ref_grads, close)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g, k: torch.randn(g, 2 * 37, k)[:, ::2],
+        lambda g, k: torch.randn(g, 37, 3 * k)[..., k : 2 * k],
+        lambda g, k: torch.randn(37, g, k).transpose(0, 1),
+        lambda g, k: torch.randn(g, k, 37).transpose(1, 2),  # features strided: copied
+    ],
+    ids=["rows-strided", "feature-slice", "time-major", "features-strided"],
+)
+def test_ensemble_layout_strided_inputs(make, ref_grads, close):
+    g, k, o = 5, 12, 7
+    x = make(g, k).detach()
+    x_copy = x.clone()
+    _check_ensemble(x, torch.randn(g, k, o), torch.randn(g, 1, o), "in_out", ref_grads, close)
+    assert torch.equal(x.detach(), x_copy), "the op wrote to its input"
+
+
+def test_ensemble_layout_matches_baddbmm(close, ref_grads):
+    """What an RL ensemble computes: baddbmm(bias (E, 1, O), x (E, B, K), weight (E, K, O))."""
+    e, b, k, o = 5, 33, 20, 24
+    x, w, bias = torch.randn(e, b, k), torch.randn(e, k, o), torch.randn(e, 1, o)
+    got = grouped_linear(x, w, bias, layout="ensemble", weight_layout="in_out")
+    want = torch.baddbmm(bias.double(), x.double(), w.double())
+    assert got.shape == (e, b, o)
+    assert (got.double() - want).abs().max().item() < 1e-4
+
+
+def test_ensemble_layout_empty_rows():
+    x, w, b = torch.randn(3, 0, 5), torch.randn(3, 4, 5, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    y = grouped_linear(x, w, b, layout="ensemble")
+    assert y.shape == (3, 0, 4)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_ensemble_layout_under_vmap(close):
+    from torch.func import vmap
+
+    g, k, o = 3, 5, 4
+    w, b = torch.randn(g, k, o), torch.randn(g, o)
+    xs = torch.randn(6, g, 7, k)
+    got = vmap(lambda xi: grouped_linear(xi, w, b, layout="ensemble", weight_layout="in_out"))(xs)
+    want = torch.stack([torch.baddbmm(b.double()[:, None], xi.double(), w.double()) for xi in xs])
+    assert got.shape == want.shape and (got.double() - want).abs().max().item() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# layout="shared": one input (..., K) read by every group -> (G, ..., O)
+
+
+@pytest.mark.parametrize("weight_layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("lead", [(1,), (37,), (2, 5), ()], ids=["one-row", "rows", "2d-rows", "1d-x"])
+def test_shared_input_matches_float64(lead, weight_layout, ref_grads, close):
+    """The first layer of an ensemble: x (B, K) for every member; grad_x sums over them."""
+    from tvmgroup.weights import as_out_in, weight_shape
+
+    g, k, o = 5, 12, 7
+    x = torch.randn(*lead, k, requires_grad=True)
+    weight = torch.randn(weight_shape(g, k, o, weight_layout), requires_grad=True)
+    bias = torch.randn(g, 1, o, requires_grad=True)
+    y = grouped_linear(x, weight, bias, layout="shared", weight_layout=weight_layout)
+    assert y.shape == (g, *lead, o)
+    grad_y = torch.randn_like(y)
+    x_members = x.detach().expand(g, *x.shape)
+    expect = ref_grads(x_members, as_out_in(weight.detach(), weight_layout), bias.detach().reshape(g, o), grad_y, "ensemble")
+    close(y, *expect["y"], what="y")
+    y.backward(grad_y)
+    value, mag, depth = expect["x"]  # per member: the input's gradient is their sum
+    close(x.grad, value.sum(0), mag.sum(0), depth + g, what="grad_x")
+    value, mag, depth = expect["weight"]
+    close(weight.grad, as_out_in(value, weight_layout), as_out_in(mag, weight_layout), depth, what="grad_weight")
+    value, mag, depth = expect["bias"]
+    close(bias.grad, value.reshape(g, 1, o), mag.reshape(g, 1, o), depth, what="grad_bias")
+
+
+def test_shared_input_is_read_in_place(monkeypatch):
+    """The kernels get the input expanded over the groups (stride 0), not a G-fold copy."""
+    from tvmgroup import ops
+
+    seen = []
+    real = ops._run
+
+    def spy(op, weight, layout, bias, rows, weight_layout, *args):
+        seen.append((op, layout, args[0].stride(), args[0].data_ptr()))
+        return real(op, weight, layout, bias, rows, weight_layout, *args)
+
+    monkeypatch.setattr(ops, "_run", spy)
+    x = torch.randn(37, 12)
+    grouped_linear(x, torch.randn(5, 12, 7), layout="shared", weight_layout="in_out")
+    assert seen == [("forward", "ensemble", (0, 12, 1), x.data_ptr())]
+
+
+def test_shared_input_errors():
+    with pytest.raises(ValueError, match=r"layout='shared' expects x of shape \(..., in_features=12\), read by every group; got x of shape \(37, 10\)"):
+        grouped_linear(torch.randn(37, 10), torch.randn(5, 12, 7), layout="shared", weight_layout="in_out")
+    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv', 'ensemble', 'shared'\), got 'share'"):
+        grouped_linear(torch.randn(37, 12), torch.randn(5, 12, 7), layout="share")
+
+
+def test_shared_input_layer_and_compile():
+    from tvmgroup import GroupedLinear
+
+    torch._dynamo.reset()
+    layer = GroupedLinear(5, 12, 7, layout="shared", weight_layout="in_out", bias_layout="broadcast")
+    x = torch.randn(9, 12)
+    compiled = torch.compile(layer, fullgraph=True)
+    results = []
+    for fn in (layer, compiled):
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), xi.grad, layer.weight.grad, layer.bias.grad))
+    assert results[0][0].shape == (5, 9, 7)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

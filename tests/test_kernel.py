@@ -33,12 +33,17 @@ def _poisoned(*shape: int) -> torch.Tensor:
 
 
 def _rows_shape(layout: str, rows: int, features: int) -> tuple[int, ...]:
-    """Kernel layout: (N, G, F) for "last"; (B=2, G, F, L=rows) for "conv"."""
+    """Kernel layout: (N, G, F) for "last"; (B=2, G, F, L=rows) for "conv"; (G, N, F) for
+    "ensemble"."""
+    if layout == "ensemble":
+        return (G, rows, features)
     return (rows, G, features) if layout == "last" else (2, G, features, rows)
 
 
 def _user(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """A kernel-layout tensor as the user's (N, G*F) or (B, G*F, L)."""
+    """A kernel-layout tensor as the user's (N, G*F), (B, G*F, L) or (G, N, F)."""
+    if layout == "ensemble":
+        return t
     if layout == "last":
         return t.reshape(t.shape[0], -1)
     return t.reshape(t.shape[0], -1, t.shape[-1])
@@ -50,12 +55,12 @@ def _expect(x, weight, bias, grad_y, layout, ref_grads):
 
 def _row_counts(kernel: Kernel, op: str, layout: str) -> list[int]:
     t = kernel.row_tile
-    if op == "grad_weight" and layout == "last":
+    if op == "grad_weight" and layout in ("last", "ensemble"):
         return [1, t - 1, t, t + 1, 200]
     return [1, t - 1, t, t + 1, 2 * t + 3]
 
 
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble"])
 def test_cpu_kernels_have_a_row_tile_and_a_tail(layout):
     for op in ("forward", "grad_input", "grad_weight"):
         kernel = _kernel(op, layout)
@@ -64,7 +69,7 @@ def test_cpu_kernels_have_a_row_tile_and_a_tail(layout):
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble"])
 def test_forward_kernel_writes_every_element(layout, bias, ref_grads, close):
     kernel = _kernel("forward", layout, bias)
     for rows in _row_counts(kernel, "forward", layout):
@@ -76,7 +81,7 @@ def test_forward_kernel_writes_every_element(layout, bias, ref_grads, close):
         close(_user(y, layout), *expect, what=f"forward {layout} rows={rows}")
 
 
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble"])
 def test_grad_input_kernel_writes_every_element(layout, ref_grads, close):
     kernel = _kernel("grad_input", layout, bias=False)
     for rows in _row_counts(kernel, "grad_input", layout):
@@ -90,7 +95,7 @@ def test_grad_input_kernel_writes_every_element(layout, ref_grads, close):
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble"])
 def test_grad_weight_kernel_writes_every_element(layout, bias, ref_grads, close):
     kernel = _kernel("grad_weight", layout, bias)
     for rows in _row_counts(kernel, "grad_weight", layout):
@@ -349,22 +354,28 @@ def test_kernels_index_with_32_bit_integers():
     """Why large tensors are chunked: the kernels' row extent (and so every index) is int32."""
     from tvmgroup.layouts import layout_of
 
-    for layout in ("last", "conv"):
+    for layout in ("last", "conv", "ensemble"):
         dims = [d for d in layout_of(layout).row_dims(None) if not isinstance(d, int)]
         assert dims and all(str(d.ty) == "int32" for d in dims)
 
 
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble"])
 def test_tensors_past_the_index_limit_run_in_chunks(monkeypatch, layout, ref_grads):
     from tvmgroup import ops
 
     calls = []
     fitting = Kernel._call_fitting
-    monkeypatch.setattr(Kernel, "_call_fitting", lambda self, *a: (calls.append(a[0].shape[0]), fitting(self, *a))[1])
+    axis = 1 if layout == "ensemble" else 0  # the chunk axis: rows, or conv's batch
+
+    def record(self, *a):
+        calls.append(a[0].shape[axis])
+        return fitting(self, *a)
+
+    monkeypatch.setattr(Kernel, "_call_fitting", record)
     monkeypatch.setattr(kernel_mod, "MAX_KERNEL_ELEMENTS", 1000)  # ~1000 / (G * 5) rows per call
-    # "last": 203 rows; "conv": 41 batch items of length 8 (the chunks split the batch)
+    # "last", "ensemble": 203 rows; "conv": 41 batch items of length 8 (the chunks split the batch)
     def shape(features):
-        return (203, G, features) if layout == "last" else (41, G, features, 8)
+        return {"last": (203, G, features), "conv": (41, G, features, 8), "ensemble": (G, 203, features)}[layout]
 
     x, grad_y = torch.randn(shape(K)), torch.randn(shape(O))
     weight, bias = torch.randn(G, O, K), torch.randn(G, O)
@@ -375,10 +386,45 @@ def test_tensors_past_the_index_limit_run_in_chunks(monkeypatch, layout, ref_gra
         **dict(zip(("weight", "bias"), ops.grad_weight(ugy, ux, weight, True, layout))),
     }
     assert len(calls) > 3 * 3  # each op in several calls
+    assert sum(calls) == 3 * shape(K)[axis]  # every row (batch item) in exactly one call
     want = _expect(x, weight, bias, grad_y, layout, ref_grads)
     for name, value in got.items():
         ref, mag, depth = want[name]
         assert_close(value, ref, mag, depth, name)
+
+
+def test_ensemble_views_past_the_index_limit(monkeypatch, ref_grads):
+    """What counts is how far a view reaches, not its element count: rows sliced from a bigger
+    batch reach further than their elements (their chunks run on compact copies); an input
+    expanded over the groups (stride 0) reaches one group's rows (its chunks are read in place)."""
+    from tvmgroup import ops
+
+    group_strides = []
+    fitting = Kernel._call_fitting
+
+    def record(self, *a):
+        x = a[1] if self.spec.op == "grad_weight" else a[0]  # (grad_y, x, ...) or (x, ...)
+        group_strides.append(x.stride(0))
+        return fitting(self, *a)
+
+    monkeypatch.setattr(Kernel, "_call_fitting", record)
+    monkeypatch.setattr(kernel_mod, "MAX_KERNEL_ELEMENTS", 1000)
+    weight, bias = torch.randn(G, O, K), torch.randn(G, O)
+    sliced = torch.randn(G, 1000, K)[:, 128:328]  # 3000 elements reaching over 11000 (64-byte aligned start)
+    shared = torch.randn(203, K).expand(G, 203, K)  # 3045 elements reaching 1015
+    for x, copied in ((sliced, True), (shared, False)):
+        group_strides.clear()
+        grad_y = torch.randn(G, x.shape[1], O)
+        got = {
+            "y": ops.forward(x, weight, bias, "ensemble"),
+            **dict(zip(("weight", "bias"), ops.grad_weight(grad_y, x, weight, True, "ensemble"))),
+        }
+        assert len(group_strides) > 2
+        assert all((stride != 0) == copied for stride in group_strides), group_strides
+        want = ref_grads(x.contiguous(), weight, bias, grad_y, "ensemble")
+        for name, value in got.items():
+            ref, mag, depth = want[name]
+            assert_close(value, ref, mag, depth, name)
 
 
 def test_a_row_past_the_index_limit_is_a_clear_error(monkeypatch):

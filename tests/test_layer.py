@@ -48,7 +48,7 @@ def test_module_forward_and_repr(ref_grads, close):
         ({"in_features": -1}, "in_features must be a positive int, got -1"),
         ({"out_features": 2.0}, "out_features must be a positive int, got 2.0"),
         ({"groups": True}, "groups must be a positive int, got True"),
-        ({"layout": "nlc"}, r"layout must be one of \('last', 'conv'\), got 'nlc'"),
+        ({"layout": "nlc"}, r"layout must be one of \('last', 'conv', 'ensemble', 'shared'\), got 'nlc'"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, match):
@@ -150,3 +150,144 @@ def test_layer_trains(ref_grads, close):
     before = layer.weight.detach().clone()
     torch.optim.SGD(layer.parameters(), lr=0.1).step()
     assert not torch.equal(before, layer.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters kept in a given convention, and checkpoints
+
+
+class _Ensemble(nn.Module):
+    """How RL ensembles store a linear layer: weight (E, in, out), bias (E, 1, out)."""
+
+    def __init__(self, members: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(members, in_features, out_features))
+        self.bias = nn.Parameter(torch.randn(members, 1, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (E, B, in) -> (E, B, out)
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def test_ensemble_checkpoint_loads_into_a_layer_of_its_convention(ref_grads, close):
+    ensemble = _Ensemble(4, 6, 6)  # square: only the convention tells weight from its transpose
+    layer = GroupedLinear(4, 6, 6, weight_layout="in_out", bias_layout="broadcast")
+    layer.load_state_dict(ensemble.state_dict())
+    assert layer.weight.shape == (4, 6, 6) and layer.bias.shape == (4, 1, 6)
+    assert torch.equal(layer.weight, ensemble.weight) and torch.equal(layer.bias, ensemble.bias)
+    x = torch.randn(4, 9, 6)  # (E, B, in)
+    with torch.no_grad():
+        want = ensemble(x)
+        got_last = layer(x.transpose(0, 1).reshape(9, 24)).reshape(9, 4, 6).transpose(0, 1)
+        layer.layout = "ensemble"
+        got = layer(x)
+    torch.testing.assert_close(got_last, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert set(layer.state_dict()) == set(ensemble.state_dict())
+    assert "weight_layout='in_out', bias_layout='broadcast'" in repr(layer)
+
+
+@pytest.mark.parametrize("bias_shape", [(3, 1, 4), (3, 4), None])
+def test_from_ensemble_keeps_the_convention(bias_shape, ref_grads, close):
+    weight = torch.randn(3, 5, 4)
+    bias = torch.randn(bias_shape) if bias_shape else None
+    layer = GroupedLinear.from_ensemble(weight, bias)
+    assert layer.weight_layout == "in_out" and layer.weight.shape == (3, 5, 4) and layer.layout == "ensemble"
+    assert (layer.bias is None) if bias is None else (layer.bias.shape == bias.shape)
+    assert layer.weight.data_ptr() != weight.data_ptr()
+    x = torch.randn(3, 13, 5)
+    y = layer(x)
+    bias_go = bias.reshape(3, 4) if bias is not None else None
+    grad_y = torch.randn_like(y)
+    expect = ref_grads(x, weight.transpose(1, 2), bias_go, grad_y, "ensemble")
+    close(y, *expect["y"], what="from_ensemble")
+    y.backward(grad_y)
+    value, mag, depth = expect["weight"]
+    close(layer.weight.grad, value.transpose(1, 2), mag.transpose(1, 2), depth, what="grad_weight")
+    if bias is not None:
+        value, mag, depth = expect["bias"]
+        close(layer.bias.grad, value.reshape(bias_shape), mag.reshape(bias_shape), depth, what="grad_bias")
+
+
+def test_from_ensemble_errors():
+    with pytest.raises(ValueError, match=r"weight_layout='in_out' takes a weight of shape \(groups, in_features, out_features\)"):
+        GroupedLinear.from_ensemble(torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"bias must have shape .* = \(3, 1, 4\) .* got \(3, 5\)"):
+        GroupedLinear.from_ensemble(torch.randn(3, 5, 4), torch.randn(3, 5))
+
+
+def test_in_out_layer_initialises_like_nn_linear():
+    layer = GroupedLinear(4, 256, 16, weight_layout="in_out")
+    bound = 1.0 / math.sqrt(256)  # fan-in is in_features, whatever the storage
+    assert layer.weight.shape == (4, 256, 16)
+    assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.95 * bound
+    assert layer.bias.shape == (4, 16) and layer.bias.abs().max() <= bound
+
+
+def test_in_out_layer_to_conv1d():
+    layer = GroupedLinear(3, 5, 4, weight_layout="in_out", bias_layout="flat", layout="last")
+    conv = layer.to_conv1d()
+    x = torch.randn(13, 15)
+    with torch.no_grad():
+        want = conv(x[:, :, None])[:, :, 0]
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+def _snapshot(layer: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in layer.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "change, strict, match",
+    [
+        ({"extra": torch.zeros(1)}, True, r'Unexpected key\(s\) in state_dict: "extra"'),
+        ({"bias": None}, True, r'Missing key\(s\) in state_dict: "bias"'),
+        ({"bias": torch.randn(3, 4)}, True, r"size mismatch for bias: the checkpoint has \(3, 4\), this GroupedLinear keeps "
+                                            r"\(3, 1, 4\) \(bias_layout='broadcast'\); build the layer with bias_layout='grouped'"),
+        ({"bias": torch.randn(3, 4)}, False, r"size mismatch for bias"),
+    ],
+)
+def test_a_failed_load_changes_nothing(change, strict, match):
+    """Square weights: the weight of the checkpoint fits, yet nothing may be copied."""
+    layer = GroupedLinear(3, 4, 4, weight_layout="in_out", bias_layout="broadcast")
+    before = _snapshot(layer)
+    state = {"weight": torch.randn(3, 4, 4), "bias": torch.randn(3, 1, 4)} | change
+    state = {k: v for k, v in state.items() if v is not None}
+    with pytest.raises(RuntimeError, match=match):
+        layer.load_state_dict(state, strict=strict)
+    for key, value in _snapshot(layer).items():
+        assert torch.equal(value, before[key]), f"{key} changed although the load failed"
+
+
+def test_loading_the_other_weight_convention_names_the_fix():
+    layer = GroupedLinear(3, 5, 4)  # out_in: (3, 4, 5)
+    with pytest.raises(RuntimeError, match=r"the checkpoint has \(3, 5, 4\), this GroupedLinear keeps \(3, 4, 5\) "
+                                           r"\(weight_layout='out_in': .*\); build the layer with weight_layout='in_out'"):
+        layer.load_state_dict({"weight": torch.randn(3, 5, 4), "bias": torch.randn(3, 4)})
+
+
+def test_non_strict_load_of_present_keys_still_works():
+    layer = GroupedLinear(3, 5, 4)
+    weight = torch.randn(3, 4, 5)
+    result = layer.load_state_dict({"weight": weight}, strict=False)
+    assert result.missing_keys == ["bias"]
+    assert torch.equal(layer.weight, weight)
+
+
+def test_a_shape_error_inside_a_model_copies_none_of_the_layer():
+    model = nn.Sequential(GroupedLinear(3, 4, 4, weight_layout="in_out"))
+    before = _snapshot(model)
+    with pytest.raises(RuntimeError, match=r"size mismatch for 0.bias"):
+        model.load_state_dict({"0.weight": torch.randn(3, 4, 4), "0.bias": torch.randn(3, 1, 4)})
+    assert all(torch.equal(v, before[k]) for k, v in _snapshot(model).items())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"weight_layout": "oi"}, r"weight_layout must be one of 'out_in' .*'in_out' .*; got 'oi'"),
+        ({"bias_layout": "row"}, r"bias_layout must be one of 'grouped' .*'broadcast' .*'flat' .*; got 'row'"),
+    ],
+)
+def test_constructor_rejects_unknown_conventions(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GroupedLinear(3, 5, 4, **kwargs)

@@ -9,9 +9,9 @@ from tvmgroup.layouts import LAYOUTS, layout_of
 
 
 def test_registry_and_unknown_name():
-    assert tuple(LAYOUTS) == ("last", "conv")
+    assert tuple(LAYOUTS) == ("last", "conv", "ensemble")
     assert layout_of("conv") is LAYOUTS["conv"]
-    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv'\), got 'rows'"):
+    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv', 'ensemble'\), got 'rows'"):
         layout_of("rows")
 
 
@@ -49,8 +49,53 @@ def test_random_operand_has_the_kernel_shape(name):
         ("last", (4, 7), r"last dim must be groups\*in_features = 2\*4 = 8, got x of shape \(4, 7\)"),
         ("conv", (4, 8), r"layout='conv' expects x of shape \(batch, groups\*in_features, length\)"),
         ("conv", (4, 7, 3), r"dim 1 must be groups\*in_features = 2\*4 = 8"),
+        ("ensemble", (8,), r"layout='ensemble' expects x of shape \(groups, ..., in_features\) \(at least 2 dims\), got \(8,\)"),
+        ("ensemble", (3, 5, 4), r"expects x of shape \(groups=2, ..., in_features=4\), got x of shape \(3, 5, 4\)"),
+        ("ensemble", (2, 5, 8), r"expects x of shape \(groups=2, ..., in_features=4\), got x of shape \(2, 5, 8\)"),
     ],
 )
 def test_check_input_names_what_was_expected(name, shape, message):
     with pytest.raises(ValueError, match=message):
         layout_of(name).check_input(torch.zeros(shape), 2, 4)
+
+
+def test_ensemble_views_without_copy():
+    lay = layout_of("ensemble")
+    x = torch.randn(2, 3, 5, 4)
+    view = lay.kernel_view(x, 2, 4)
+    assert view.shape == (2, 15, 4) and view.data_ptr() == x.data_ptr()
+    assert lay.out_shape(x, 2, 7) == [2, 3, 5, 7]
+    assert lay.einsum("k") == "gnk" and lay.row_sum_dims == (1,) and lay.row_axis == 1
+    assert not lay.rows_innermost
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(2, 20, 4)[:, ::2],  # every other row
+        lambda: torch.randn(2, 10, 9)[..., 2:6],  # a slice of wider features
+        lambda: torch.randn(10, 2, 4).transpose(0, 1),  # time-major: (B, G, K) viewed (G, B, K)
+        lambda: torch.randn(10, 4).expand(2, 10, 4),  # one input for every member (stride 0)
+    ],
+    ids=["rows-strided", "feature-slice", "time-major", "expanded"],
+)
+def test_ensemble_reads_strided_views_in_place(make):
+    x = make()
+    view = layout_of("ensemble").kernel_view(x, 2, 4)
+    assert view.data_ptr() == x.data_ptr() and view.stride(2) == 1
+    assert torch.equal(view, x.reshape(2, 10, 4))
+
+
+def test_ensemble_copies_only_what_it_cannot_index():
+    x = torch.randn(2, 4, 10).transpose(1, 2)  # features strided: the kernel needs them contiguous
+    view = layout_of("ensemble").kernel_view(x, 2, 4)
+    assert view.is_contiguous() and torch.equal(view, x)
+
+
+def test_ensemble_kernel_buffers_are_strided():
+    from tvmgroup.compute import OpSpec, prim_func
+
+    script = prim_func(OpSpec("forward", 2, 8, 8, layout="ensemble")).script()
+    assert 'strides=("x_stride_g", "x_stride_n", 1)' in script and 'strides=("y_stride_g", "y_stride_n", 1)' in script
+    assert "strides" not in prim_func(OpSpec("forward", 2, 8, 8, layout="ensemble"), rows=16).script()
+    assert "strides" not in prim_func(OpSpec("forward", 2, 8, 8, layout="last")).script()

@@ -199,3 +199,42 @@ def test_func_grad_jacrev_and_per_sample_gradients():
     per_sample = vmap(grad(lambda w, xi: grouped_linear(xi, w, b).pow(2).sum()), in_dims=(None, 0))(w, x)
     want = vmap(grad(lambda w, xi: _linear64(xi, w, b64).pow(2).sum()), in_dims=(None, 0))(w64, x64)
     _close(per_sample, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# layout="ensemble" (and a (G, K, O) weight), as the ops above
+
+
+@pytest.mark.parametrize("weight_layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_opcheck_ensemble(bias, weight_layout):
+    from tvmgroup.weights import weight_shape
+
+    x = torch.randn(G, 13, K, requires_grad=True)
+    weight = torch.randn(weight_shape(G, K, O, weight_layout), requires_grad=True)
+    b = torch.randn(G, 1, O, requires_grad=True) if bias else None
+    _opcheck(grouped_linear_op, (x, weight, b, "ensemble", weight_layout))
+    grad_y = torch.randn(G, 13, O)
+    _opcheck(grad_input_op, (grad_y, weight.detach(), "ensemble", weight_layout))
+    _opcheck(grad_weight_op, (grad_y, x.detach(), weight.detach(), bias, "ensemble", weight_layout))
+
+
+def test_torch_compile_fullgraph_ensemble():
+    torch._dynamo.reset()
+    module = _Block("ensemble")
+    compiled = torch.compile(module, fullgraph=True)
+    for shape in [(G, 13, K), (G, 2, 7, K)]:
+        x = torch.randn(shape)
+        out_eager, grads_eager = _grads_of(module, module, x)
+        out_comp, grads_comp = _grads_of(module, compiled, x)
+        torch.testing.assert_close(out_comp, out_eager, rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads_comp, grads_eager):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_ensemble_with_a_dynamic_batch():
+    layer = GroupedLinear(G, K, O, layout="ensemble", weight_layout="in_out", bias_layout="broadcast")
+    batch = torch.export.Dim("batch", min=2, max=1024)
+    exported = torch.export.export(layer, (torch.randn(G, 9, K),), dynamic_shapes={"x": {1: batch}})
+    x = torch.randn(G, 31, K)
+    torch.testing.assert_close(exported.module()(x), layer(x), rtol=0, atol=0)

@@ -138,6 +138,38 @@ def test_cuda_half_types_build_with_nvcc_on_tensor_cores(op, layout, dtype, monk
             assert bytes(compile_cuda(source))[:4] == b"\x50\xed\x55\xba"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_builds_with_an_in_out_weight(op, layout, dtype, monkeypatch):
+    """A (G, K, O) weight: SIMT (float32) and tensor-core (float16) kernels build with nvcc."""
+    monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")
+    compile_cuda = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
+    g, k, o = (G, K, O) if dtype == "float32" else (4, 48, 112)
+    sch = s_tir.Schedule(ir_module(OpSpec(op, g, k, o, dtype=dtype, layout=layout, weight_layout="in_out")))
+    template_for("cuda")(sch, op, layout, True, DefaultKnobs())
+    target = cuda_target("sm_90")
+    lib = tvm.compile(sch.mod, target=target).mod
+    (cuda,) = [m for m in lib.imports if m.kind == "cuda"]
+    source = cuda.inspect_source()
+    assert re.search(rf"\b{_OUTPUT[op]}\w*\[", source)
+    assert "weight_packed" not in lib.inspect_source("ll"), "a stage runs on the host instead of the GPU"
+    if dtype == "float16":
+        assert "nvcuda::wmma::mma_sync" in source
+    with target:
+        assert bytes(compile_cuda(source))[:4] == b"\x50\xed\x55\xba"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_template_with_an_in_out_weight(op, layout):
+    for shape in ((G, K, O), (2, 128, 144)):
+        sch = s_tir.Schedule(ir_module(OpSpec(op, *shape, layout=layout, weight_layout="in_out")))
+        template_for("llvm")(sch, op, layout, True, DefaultKnobs())
+        script = sch.mod.script()
+        assert "T.parallel" in script and "T.vectorized" in script and row_tile_of(sch.mod) > 1
+
+
 def test_cuda_compile_mode_is_honoured(monkeypatch):
     """Proves the hook reads the variable at call time (so monkeypatch.setenv above applies)."""
     monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "no-such-compiler")
@@ -155,7 +187,7 @@ def test_cuda_compile_mode_is_honoured(monkeypatch):
 def test_cuda_forward_backward_match_float64(layout, ref_grads, close):
     from tvmgroup import grouped_linear
 
-    shape = (97, G * K) if layout == "last" else (2, G * K, 97)
+    shape = {"last": (97, G * K), "conv": (2, G * K, 97), "ensemble": (G, 97, K)}[layout]
     x = torch.randn(shape, device="cuda", requires_grad=True)
     weight = torch.randn(G, O, K, device="cuda", requires_grad=True)
     bias = torch.randn(G, O, device="cuda", requires_grad=True)
@@ -176,7 +208,7 @@ def test_cuda_forward_backward_match_float64(layout, ref_grads, close):
 def test_cuda_half_types_match_float64(layout, dtype, ref):
     from tvmgroup import grouped_linear
 
-    shape = (97, G * K) if layout == "last" else (2, G * K, 97)
+    shape = {"last": (97, G * K), "conv": (2, G * K, 97), "ensemble": (G, 97, K)}[layout]
     x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
     weight = torch.randn(G, O, K, device="cuda", dtype=dtype, requires_grad=True)
     bias = torch.randn(G, O, device="cuda", dtype=dtype, requires_grad=True)

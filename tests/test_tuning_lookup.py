@@ -67,6 +67,21 @@ def test_every_op_replays_and_passes_the_check(op, layout, features):
     check.check_kernel(kernel, seed=3)
 
 
+@pytest.mark.parametrize("weight_layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("layout", ["ensemble", "last"])
+@pytest.mark.parametrize("op", OPS)
+def test_new_layouts_and_weight_conventions_replay_and_pass_the_check(op, layout, weight_layout):
+    """Tuning measures compact buffers; the trace replays onto the strided run-time buffers
+    of "ensemble", and onto (G, K, O) weights."""
+    if layout == "last" and weight_layout == "out_in":
+        pytest.skip("covered above")
+    spec = OpSpec(op, 2, 8, 24, layout=layout, weight_layout=weight_layout)
+    fake_log(user_logs_dir(), spec, cpu_target(), seeds=(5,))
+    kernel = lookup.kernel_for(spec, cpu_target())
+    assert kernel.choice.origin == "user"
+    check.check_kernel(kernel, seed=3)
+
+
 def test_shipped_log_after_user(monkeypatch, tmp_path):
     shipped = tmp_path / "shipped"
     monkeypatch.setattr(lookup, "shipped_logs_dir", lambda: shipped)
@@ -267,3 +282,14 @@ def test_a_small_call_compiles_only_the_serial_build():
     assert kernel.serial
     built = {key[3] for key in KERNELS._kernels if key[0] == kernel.spec and key[1] == target_json(cpu_target())}
     assert built == {True}
+
+
+def test_the_tune_command_named_for_an_in_out_weight_parses():
+    from tvmgroup.cli import build_parser
+
+    spec = OpSpec("grad_input", 2, 8, 24, layout="ensemble", weight_layout="in_out")
+    command = lookup.tune_command(spec, cpu_target())
+    assert "--layout ensemble" in command and "--weight-layout in_out" in command
+    args = build_parser().parse_args(command.split()[1:])
+    assert (args.layout, args.weight_layout) == ("ensemble", "in_out")
+    assert "--weight-layout" not in lookup.tune_command(SPEC, cpu_target())

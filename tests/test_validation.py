@@ -30,7 +30,7 @@ def test_wrong_x_shape(x, layout, match):
 
 
 def test_weight_must_be_3d():
-    with pytest.raises(ValueError, match=r"\(groups, out_features, in_features\), got \(12, 5\)"):
+    with pytest.raises(ValueError, match=r"weight_layout='out_in' takes a weight of shape \(groups, out_features, in_features\), got \(12, 5\)"):
         grouped_linear(torch.randn(13, 15), torch.randn(12, 5))
     with pytest.raises(ValueError, match=r"no empty dim, got shape \(3, 0, 5\)"):
         grouped_linear(torch.randn(13, 15), torch.randn(3, 0, 5))
@@ -38,9 +38,13 @@ def test_weight_must_be_3d():
         check_weight([[1.0]], None)
 
 
-@pytest.mark.parametrize("bias", [torch.randn(12), torch.randn(3, 5), torch.randn(4, 3)])
+@pytest.mark.parametrize("bias", [torch.randn(13), torch.randn(3, 5), torch.randn(4, 3), torch.randn(3, 4, 1)])
 def test_bias_shape_mismatch(bias):
-    expected = r"\(groups, out_features\) = \(3, 4\), got " + str(tuple(bias.shape)).replace("(", r"\(").replace(")", r"\)")
+    got = str(tuple(bias.shape)).replace("(", r"\(").replace(")", r"\)")
+    expected = (
+        r"bias must have shape \(groups, out_features\) = \(3, 4\) or \(groups, 1, out_features\) = \(3, 1, 4\) "
+        r"or \(groups\*out_features,\) = \(12,\), got " + got
+    )
     with pytest.raises(ValueError, match=expected):
         grouped_linear(torch.randn(13, 15), W, bias)
 
@@ -93,7 +97,7 @@ def test_unsupported_device():
 
 @pytest.mark.parametrize("layout", ["nlc", "LAST", "", None])
 def test_invalid_layout(layout):
-    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv'\), got " + repr(repr(layout))[1:-1]):
+    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv', 'ensemble', 'shared'\), got " + repr(repr(layout))[1:-1]):
         grouped_linear(torch.randn(13, 15), W, B, layout=layout)
     with pytest.raises(ValueError, match="layout must be one of"):
         check_layout(layout)

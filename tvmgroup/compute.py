@@ -16,6 +16,7 @@ from tvm import s_tir, te, tirx
 from tvmgroup.layouts import LAYOUTS as _LAYOUT_REGISTRY
 from tvmgroup.layouts import Layout, layout_of
 from tvmgroup.opdefs import ACCUMULATOR, OP_DEFS, OpDef, op_def
+from tvmgroup.weights import check_weight_layout
 
 LAYOUTS: tuple[str, ...] = tuple(_LAYOUT_REGISTRY)  # layout names
 OPS: tuple[str, ...] = tuple(OP_DEFS)  # op names
@@ -32,10 +33,12 @@ class OpSpec:
     dtype: str = "float32"
     layout: str = "last"
     bias: bool = True
+    weight_layout: str = "out_in"  # how the weight is stored: see tvmgroup.weights
 
     def __post_init__(self) -> None:
         op_def(self.op)  # ValueErrors naming the choices
         layout_of(self.layout)
+        check_weight_layout(self.weight_layout)
         for name in ("groups", "in_features", "out_features"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -56,9 +59,11 @@ class OpSpec:
     def key(self) -> str:
         """A file-name-safe name of this spec, used by caches and tuning logs."""
         b = "bias" if self.bias else "nobias"
+        # The default weight convention adds nothing: existing keys (logs, caches) stay.
+        w = "" if self.weight_layout == "out_in" else f"-weight_{self.weight_layout}"
         return (
             f"{self.op}-{self.layout}-g{self.groups}-k{self.in_features}"
-            f"-o{self.out_features}-{self.dtype}-{b}"
+            f"-o{self.out_features}-{self.dtype}-{b}{w}"
         )
 
 
@@ -91,14 +96,15 @@ def _set_reduction_init(stmt, block_name: str, make_init: Callable):
     return stmt
 
 
-def _bias_init(func: tirx.PrimFunc) -> tirx.PrimFunc:
+def _bias_init(func: tirx.PrimFunc, layout: Layout) -> tirx.PrimFunc:
     bias = func.params[2]
 
     def make_init(block):
-        # Spatial block vars follow the output's axes: (n, g, o) or (b, g, o, l).
+        # Spatial block vars follow the output's axes: (n, g, o), (b, g, o, l) or (g, n, o).
         acc = block.writes[0].source
         idx = [iv.var for iv in block.iter_vars][: len(acc.shape)]
-        value = tirx.BufferLoad(bias, [idx[1], idx[2]])
+        _, g, o = layout.split(idx)
+        value = tirx.BufferLoad(bias, [g, o])
         if bias.dtype != acc.dtype:
             value = tirx.Cast(acc.dtype, value)
         return tirx.BufferStore(acc, value, idx)
@@ -115,8 +121,32 @@ def prim_func(spec: OpSpec, rows: int | None = None) -> tirx.PrimFunc:
     tensors = spec.op_def.build(spec, layout, layout.row_dims(rows))
     func = te.create_prim_func(tensors)
     if spec.op_def.sum_starts_from_bias and spec.bias and spec.dtype == ACCUMULATOR:
-        func = _bias_init(func)
+        func = _bias_init(func, layout)
+    if rows is None:
+        func = _with_layout_strides(func, spec, layout)
     return func.with_attr("global_symbol", "main")
+
+
+def _with_layout_strides(func: tirx.PrimFunc, spec: OpSpec, layout: Layout) -> tirx.PrimFunc:
+    """Row-indexed buffers declared with the layout's strides (symbolic ones are bound from
+    the tensors at each call), so the kernel reads strided views in place. Compute as
+    before; a layout without strides (``"last"``, ``"conv"``) keeps compact buffers.
+
+    Only for symbolic rows: tuning measures compact buffers, whose schedule decisions
+    replay here unchanged.
+    """
+    replace = {}
+    for param, arg in zip(func.params, spec.op_def.arg_list(spec.bias)):
+        if arg.role != "rows":
+            continue
+        strides = layout.buffer_strides(arg.name, list(param.ty.shape))
+        if strides is not None:
+            replace[param] = tirx.decl_buffer(param.ty.shape, param.ty.dtype, param.name, strides=strides)
+    if not replace:
+        return func
+    from tvm.tirx.transform.common import BufferReplacer
+
+    return BufferReplacer(replace)(func)
 
 
 def ir_module(spec: OpSpec, rows: int | None = None) -> tvm.IRModule:

@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from tvmgroup.compute import OpSpec
 from tvmgroup.layer import GroupedLinear
+from tvmgroup.layouts import SHARED_INPUT, SHARED_INPUT_KERNELS
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class LayerCall:
     rows: int  # rows of the call (batch-like dims multiplied out)
     input_requires_grad: bool
     weight_requires_grad: bool  # weight or bias
+    weight_layout: str = "out_in"  # how the layer stores its weight (tvmgroup.weights)
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,14 @@ def _record(name: str, calls: list[LayerCall]):
             return  # the layer's own input check will say what is wrong
         x = args[0]
         params = [module.weight] + ([module.bias] if module.bias is not None else [])
-        rows = x.numel() // (module.groups * module.in_features) if x.numel() else 0
+        per_row = module.in_features if module.layout == SHARED_INPUT else module.groups * module.in_features
+        rows = x.numel() // per_row if x.numel() else 0  # a shared input is read by every group
         calls.append(LayerCall(
             name, module.groups, module.in_features, module.out_features, module.layout,
             module.bias is not None, str(x.dtype).removeprefix("torch."), x.device.type, rows,
             bool(x.requires_grad) and torch.is_grad_enabled(),
             any(p.requires_grad for p in params) and torch.is_grad_enabled(),
+            module.weight_layout,
         ))
 
     return hook
@@ -120,7 +124,10 @@ def op_shapes(calls: Sequence[LayerCall], *, backward: bool = True) -> list[OpSh
     found: dict[tuple[OpSpec, str], tuple[set[int], list[str]]] = {}
 
     def add(op: str, call: LayerCall, bias: bool) -> None:
-        spec = OpSpec(op, call.groups, call.in_features, call.out_features, call.dtype, call.layout, bias)
+        # A shared input runs on the ensemble kernels (the input expanded over the groups).
+        layout = SHARED_INPUT_KERNELS if call.layout == SHARED_INPUT else call.layout
+        spec = OpSpec(op, call.groups, call.in_features, call.out_features, call.dtype, layout, bias,
+                      call.weight_layout)
         rows, names = found.setdefault((spec, call.device), (set(), []))
         rows.add(call.rows)
         if call.name not in names:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from tvmgroup.layouts import SHARED_INPUT, SHARED_INPUT_KERNELS
 from tvmgroup.ops import EagerGroupedLinear, forward, grouped_linear_op
-from tvmgroup.validation import check_input
+from tvmgroup.validation import check_input, check_layout, check_shared_input, check_weight
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -25,28 +26,43 @@ def _eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 def grouped_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, layout: str = "last"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    layout: str = "last",
+    weight_layout: str = "out_in",
 ) -> torch.Tensor:
     """``y[..., g, :] = x[..., g, :] @ weight[g].T + bias[g]`` for each of G groups.
 
     Args:
-        x: ``(..., G*K)`` for ``layout="last"``, ``(B, G*K, L)`` for ``layout="conv"``.
-        weight: ``(G, O, K)``.
-        bias: ``(G, O)`` or None.
+        x: ``(..., G*K)`` for ``layout="last"``, ``(B, G*K, L)`` for ``layout="conv"``,
+            ``(G, ..., K)`` for ``layout="ensemble"``, ``(..., K)`` (one input read by every
+            group) for ``layout="shared"``.
+        weight: ``(G, O, K)`` for ``weight_layout="out_in"``, ``(G, K, O)`` for ``"in_out"``
+            (then ``y = x @ weight[g] + bias[g]``); read as stored.
+        bias: ``(G, O)``, ``(G, 1, O)``, ``(G*O,)`` or None; its gradient has its shape.
     Returns:
-        ``(..., G*O)`` or ``(B, G*O, L)``.
+        ``(..., G*O)``, ``(B, G*O, L)`` or ``(G, ..., O)`` (``"ensemble"``, ``"shared"``).
     """
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         # Like nn.Linear under autocast: compute in the autocast dtype (sums stay float32).
         dtype = torch.get_autocast_dtype("cuda")
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    check_input(x, weight, bias, layout)
+    check_layout(layout)
+    if layout == SHARED_INPUT:
+        # The ensemble kernels on the input expanded over the groups: a stride-0 view they
+        # read in place; the expand's own backward sums grad_x over the groups.
+        groups, in_features, _ = check_weight(weight, bias, weight_layout)
+        check_shared_input(x, in_features)
+        x, layout = x.expand(groups, *x.shape), SHARED_INPUT_KERNELS
+    check_input(x, weight, bias, layout, weight_layout)
     if not _eager(x, weight, bias):
-        return grouped_linear_op(x, weight, bias, layout)
+        return grouped_linear_op(x, weight, bias, layout, weight_layout)
     if _plain(x, weight, bias):
-        return forward(x, weight, bias, layout)
-    return EagerGroupedLinear.apply(x, weight, bias, layout)
+        return forward(x, weight, bias, layout, weight_layout)
+    return EagerGroupedLinear.apply(x, weight, bias, layout, weight_layout)
 
 
 def _plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -3,9 +3,11 @@
 A :class:`Kernel` wraps up to two compiled TVM functions. CPU schedules split a symbolic
 loop without a tail predicate (it would slow the micro-kernel several times), so such a
 kernel needs that extent to be a multiple of ``row_tile``. Where the features are innermost
-(``"last"``) it runs the largest multiple of ``row_tile`` rows through ``main`` and the
-remaining rows through ``tail``, a build of the same template with ``tail=True``; the split
-is on the leading dim, so both calls take views of the caller's tensors (no copies). Where a
+(``"last"``, ``"ensemble"``) it runs the largest multiple of ``row_tile`` rows through ``main``
+and the remaining rows through ``tail``, a build of the same template with ``tail=True``; the
+split is along the layout's ``row_axis`` (the leading dim, or for ``"ensemble"`` the one after
+the groups, whose buffers are strided), so both calls take views of the caller's tensors (no
+copies). Where a
 row axis is innermost (``"conv"``'s length L) the tile applies to it: other lengths run on
 zero-padded copies (see ``_call_length``). Which arguments are row-indexed and which are
 sums over rows comes from the op's :class:`~tvmgroup.opdefs.OpDef`.
@@ -62,10 +64,21 @@ def code_fingerprint() -> str:
 
 
 # Kernels index their buffers with 32-bit integers (TVM's default index type, and what keeps
-# the micro-kernel's address arithmetic cheap): a call touches at most this many elements of
-# any tensor, and larger tensors run in chunks (``Kernel._call_in_chunks``). The margin below
-# 2**31 covers extents that schedules round up to whole tiles.
+# the micro-kernel's address arithmetic cheap): no index of a call may reach this many
+# elements past a tensor's start (its span, ``_span``: its element count if it is compact),
+# and larger tensors run in chunks (``Kernel._call_in_chunks``). The margin below 2**31
+# covers extents that schedules round up to whole tiles.
 MAX_KERNEL_ELEMENTS = 2**31 - 2**24
+
+
+def _span(t: torch.Tensor) -> int:
+    """How many elements from ``t``'s first to its last: one more than its largest offset
+    (``numel`` for a compact tensor; more for a strided view, less for an expanded one)."""
+    if t.is_contiguous():  # every tensor of "last" and "conv": the cheap test
+        return t.numel()
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
 
 
 @dataclass
@@ -87,38 +100,58 @@ class Kernel:
         self._main = _entry_function(self.main)
         self._tail = _entry_function(self.tail) if self.tail is not None else None
         self._rows_innermost = self.spec.layout_def.rows_innermost
+        self._row_axis = self.spec.layout_def.row_axis
+        # Chunks of tensors past 32-bit indexing: the rows ("last", "ensemble"), or conv's batch.
+        self._chunk_axis = 0 if self._rows_innermost else self._row_axis
         # The family's launch context (CUDA: torch's current stream), or None.
         self.launch = family_of(self.target).launch if self.target is not None else None
 
     def __call__(self, *args: torch.Tensor) -> None:
         """Runs the op on tensors already in kernel layout (see :mod:`tvmgroup.opdefs`)."""
-        if any(t.numel() > MAX_KERNEL_ELEMENTS for t in args):
+        if any(_span(t) > MAX_KERNEL_ELEMENTS for t in args):
             self._call_in_chunks(*args)
         else:
             self._call_fitting(*args)
 
     def _call_in_chunks(self, *args: torch.Tensor) -> None:
-        """Tensors past 32-bit indexing run as several calls on views along the leading dim
-        (rows, or the conv layout's batch), each within it; sums over rows add up."""
+        """Tensors past 32-bit indexing run as several calls, each within it, on views along
+        the chunk axis: the rows, or the conv layout's batch. Sums over rows add up.
+
+        Along a leading axis ("last", "conv") a chunk of a compact tensor is compact. Along
+        "ensemble"'s rows, which sit after the groups, a chunk still spans every group's
+        stride: such a chunk runs on a compact copy (an output on a compact buffer copied
+        back), the groups' rows read in place otherwise (an input expanded over them).
+        """
+        axis = self._chunk_axis
         rows_args = [t for t, arg in zip(args, self._args) if arg.role == "rows"]
-        leading = rows_args[0].shape[0]
-        per_item = max(t[0].numel() for t in rows_args)
+        extent = rows_args[0].shape[axis]
+        per_item = max(t.select(axis, 0).numel() for t in rows_args)
         if per_item > MAX_KERNEL_ELEMENTS:
+            item = "batch item" if self._rows_innermost else "row" if axis == 0 else "row (of all groups)"
+            split = "the length axis" if self._rows_innermost else "the features or the groups"
             raise ValueError(
-                f"tvmgroup: one {'batch item' if self._rows_innermost else 'row'} holds {per_item} elements; "
-                f"kernels index at most {MAX_KERNEL_ELEMENTS} per call (split the length axis)"
+                f"tvmgroup: one {item} holds {per_item} elements; kernels index at most "
+                f"{MAX_KERNEL_ELEMENTS} per call (split {split})"
             )
-        if any(t.numel() > MAX_KERNEL_ELEMENTS for t, arg in zip(args, self._args) if arg.role != "rows"):
+        if any(_span(t) > MAX_KERNEL_ELEMENTS for t, arg in zip(args, self._args) if arg.role != "rows"):
             raise ValueError(f"tvmgroup: a weight of over {MAX_KERNEL_ELEMENTS} elements is not supported")
         step = MAX_KERNEL_ELEMENTS // per_item
         if not self._rows_innermost and step >= self.row_tile:
             step -= step % self.row_tile  # every chunk but the last without a tail call
-        partials = []
-        for start in range(0, leading, step):
+        partials, copies = [], []
+        for start in range(0, extent, step):
             call = []
             for t, arg in zip(args, self._args):
                 if arg.role == "rows":
-                    call.append(t[start:start + step])
+                    chunk = t.narrow(axis, start, min(step, extent - start))
+                    if _span(chunk) > MAX_KERNEL_ELEMENTS:  # strided past the limit: compact
+                        compact = torch.empty(chunk.shape, dtype=chunk.dtype, device=chunk.device)
+                        if arg.output:
+                            copies.append((chunk, compact))
+                        else:
+                            compact.copy_(chunk)
+                        chunk = compact
+                    call.append(chunk)
                 elif arg.summed_over_rows and start > 0:
                     part = torch.empty_like(t)
                     call.append(part)
@@ -128,7 +161,10 @@ class Kernel:
             self._call_fitting(*call)
             for total, part in partials:
                 total.add_(part)
+            for chunk, compact in copies:
+                chunk.copy_(compact)
             partials.clear()
+            copies.clear()
 
     def _call_fitting(self, *args: torch.Tensor) -> None:
         if self.row_tile == 1:
@@ -169,9 +205,12 @@ class Kernel:
             t.copy_(padded[..., :length])
 
     def _call_rows(self, *args: torch.Tensor) -> None:
-        """The tile applies to the leading row axis: ``main`` takes the largest multiple of it
-        and ``tail`` the rest, both on views; outputs summed over rows add the tail's part."""
-        rows = args[0].shape[0]
+        """The tile applies to the row axis (the leading one, or the layout's ``row_axis``):
+        ``main`` takes the largest multiple of it and ``tail`` the rest, both on views (the
+        layout's buffers take such views: the leading axis, or strided ones); outputs summed
+        over rows add the tail's part."""
+        axis = self._row_axis
+        rows = args[0].shape[axis]
         cut = rows - rows % self.row_tile
         if cut == rows:
             self._main(*args)
@@ -179,11 +218,11 @@ class Kernel:
         if cut == 0:
             self._tail(*args)
             return
-        self._main(*[t[:cut] if arg.role == "rows" else t for t, arg in zip(args, self._args)])
+        self._main(*[t.narrow(axis, 0, cut) if arg.role == "rows" else t for t, arg in zip(args, self._args)])
         call, partials = [], []
         for t, arg in zip(args, self._args):
             if arg.role == "rows":
-                call.append(t[cut:])
+                call.append(t.narrow(axis, cut, rows - cut))
             elif arg.summed_over_rows:
                 part = torch.empty_like(t)
                 call.append(part)

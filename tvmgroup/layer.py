@@ -1,4 +1,5 @@
-"""``GroupedLinear``: the nn.Module, and converters from and to Conv1d / a list of Linear."""
+"""``GroupedLinear``: the nn.Module, and converters from and to Conv1d / a list of Linear /
+stacked ensemble parameters."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import torch
 from torch import nn
 
 from tvmgroup.functional import grouped_linear
-from tvmgroup.validation import check_layout
+from tvmgroup.validation import check_layout, check_weight
+from tvmgroup.weights import (
+    WEIGHT_LAYOUTS,
+    as_out_in,
+    bias_layout_of,
+    bias_shape,
+    check_bias_layout,
+    check_weight_layout,
+    weight_shape,
+)
 
 
 class GroupedLinear(nn.Module):
@@ -18,6 +28,13 @@ class GroupedLinear(nn.Module):
     The same as ``nn.Conv1d(G*K, G*O, kernel_size=1, groups=G)`` (``layout="conv"``) or G
     ``nn.Linear(K, O)`` on consecutive feature slices (``layout="last"``), computed by one
     TVM-generated kernel per pass.
+
+    ``weight_layout`` and ``bias_layout`` say how the parameters are stored (see
+    :mod:`tvmgroup.weights`): ``"out_in"`` ``(G, O, K)`` or ``"in_out"`` ``(G, K, O)``;
+    ``"grouped"`` ``(G, O)``, ``"broadcast"`` ``(G, 1, O)`` or ``"flat"`` ``(G*O,)``. The
+    kernels read them as stored, so a checkpoint in either convention loads as it is.
+    A load that fails changes nothing: a key missing or unexpected (``strict``) or of the
+    wrong shape leaves both parameters as they were.
     """
 
     def __init__(
@@ -28,6 +45,8 @@ class GroupedLinear(nn.Module):
         bias: bool = True,
         *,
         layout: str = "last",
+        weight_layout: str = "out_in",
+        bias_layout: str = "grouped",
         device=None,
         dtype=None,
     ) -> None:
@@ -36,27 +55,89 @@ class GroupedLinear(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         check_layout(layout)
+        check_weight_layout(weight_layout)
+        check_bias_layout(bias_layout)
         self.groups, self.in_features, self.out_features, self.layout = groups, in_features, out_features, layout
+        self.weight_layout, self.bias_layout = weight_layout, bias_layout
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(groups, out_features, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(groups, out_features, **factory)) if bias else None
+        self.weight = nn.Parameter(torch.empty(weight_shape(groups, in_features, out_features, weight_layout), **factory))
+        self.bias = nn.Parameter(torch.empty(bias_shape(groups, out_features, bias_layout), **factory)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Each group initialised as ``nn.Linear(in_features, out_features)`` would be."""
+        weight = as_out_in(self.weight, self.weight_layout)  # (G, O, K): fan-in is K either way
         for g in range(self.groups):
-            nn.init.kaiming_uniform_(self.weight[g], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(weight[g], a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return grouped_linear(x, self.weight, self.bias, layout=self.layout)
+        return grouped_linear(x, self.weight, self.bias, layout=self.layout, weight_layout=self.weight_layout)
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"groups={self.groups}, in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, layout={self.layout!r}"
+        )
+        if self.weight_layout != "out_in":
+            text += f", weight_layout={self.weight_layout!r}"
+        if self.bias is not None and self.bias_layout != "grouped":
+            text += f", bias_layout={self.bias_layout!r}"
+        return text
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``, but all or nothing: with ``strict`` a missing or
+        unexpected key raises before any parameter is touched (PyTorch's own check comes
+        after the copies), and a wrong shape copies neither parameter."""
+        if strict:
+            expected = {name for name, p in self._parameters.items() if p is not None}
+            missing = sorted(expected - set(state_dict))
+            unexpected = sorted(set(state_dict) - expected)
+            if missing or unexpected:
+                parts = []
+                if unexpected:
+                    parts.append("Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in unexpected) + ".")
+                if missing:
+                    parts.append("Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + ".")
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(parts)
+                    + "\n\tNothing was loaded."
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Checks the shapes of all of this layer's keys first; copies nothing unless all fit
+        (also when the layer is loaded as part of a bigger model)."""
+        errors = []
+        for name, param in self._parameters.items():
+            got = state_dict.get(prefix + name) if param is not None else None
+            if isinstance(got, torch.Tensor) and tuple(got.shape) != tuple(param.shape):
+                errors.append(self._shape_error(name, prefix + name, tuple(got.shape), tuple(param.shape)))
+        if errors:
+            error_msgs.extend(errors)
+            return  # nothing copied: the layer is as it was
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _shape_error(self, name: str, key: str, got: tuple, want: tuple) -> str:
+        g, k, o = self.groups, self.in_features, self.out_features
+        if name == "weight":
+            layouts = [wl for wl in WEIGHT_LAYOUTS if weight_shape(g, k, o, wl) == got]
+            hint = f"; build the layer with weight_layout={layouts[0]!r} to load it" if layouts else ""
+            return (
+                f"size mismatch for {key}: the checkpoint has {got}, this GroupedLinear keeps "
+                f"{want} (weight_layout={self.weight_layout!r}: {WEIGHT_LAYOUTS[self.weight_layout]}){hint}"
+            )
+        layout = bias_layout_of(got, g, o)
+        hint = f"; build the layer with bias_layout={layout!r} to load it" if layout else ""
+        return (
+            f"size mismatch for {key}: the checkpoint has {got}, this GroupedLinear keeps {want} "
+            f"(bias_layout={self.bias_layout!r}){hint}"
         )
 
     # -- converters ---------------------------------------------------------------------------
@@ -86,6 +167,29 @@ class GroupedLinear(nn.Module):
             layer.weight.copy_(conv.weight.reshape(layer.weight.shape))
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias.reshape(layer.bias.shape))
+        return layer
+
+    @classmethod
+    def from_ensemble(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, layout: str = "ensemble"
+    ) -> "GroupedLinear":
+        """A layer from stacked ensemble parameters: ``weight`` ``(E, in, out)`` and ``bias``
+        ``(E, 1, out)``, ``(E, out)`` or None, i.e. ``y[e] = x[e] @ weight[e] + bias[e]``, on
+        inputs ``(E, ..., in)`` (``layout="ensemble"``; any other layout can be asked for).
+
+        The layer keeps both conventions (``weight_layout="in_out"`` and the bias's layout),
+        so its ``state_dict`` is the ensemble's; the tensors are copied, not shared.
+        """
+        groups, in_features, out_features = check_weight(weight, bias, "in_out")
+        bias_layout = "grouped" if bias is None else bias_layout_of(bias.shape, groups, out_features)
+        layer = cls(
+            groups, in_features, out_features, bias is not None, layout=layout, weight_layout="in_out",
+            bias_layout=bias_layout, device=weight.device, dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
         return layer
 
     @classmethod
@@ -122,7 +226,7 @@ class GroupedLinear(nn.Module):
             device=self.weight.device, dtype=self.weight.dtype,
         )
         with torch.no_grad():
-            conv.weight.copy_(self.weight.reshape(g * o, k, 1))
+            conv.weight.copy_(as_out_in(self.weight, self.weight_layout).reshape(g * o, k, 1))
             if self.bias is not None:
                 conv.bias.copy_(self.bias.reshape(g * o))
         return conv

@@ -10,8 +10,11 @@ them, on both sides of the code:
   ops, the float64 references and the first-use checks.
 
 ``rows_innermost`` tells schedules and kernels which axis is contiguous: the features
-(``"last"``) or a row axis (``"conv"``'s length L). A new layout is one subclass registered
-in :data:`LAYOUTS`, plus what its schedules need.
+(``"last"``, ``"ensemble"``) or a row axis (``"conv"``'s length L); ``row_axis`` which
+kernel-layout axis holds the rows a kernel call is split along. A layout may declare its
+row-indexed buffers with symbolic strides (``buffer_strides``): the kernels then read views
+in place (a slice of the rows, an input expanded over the groups) instead of copies. A new
+layout is one subclass registered in :data:`LAYOUTS`, plus what its schedules need.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from tvm import te
+from tvm import te, tirx
 
 
 class Layout:
@@ -27,6 +30,7 @@ class Layout:
 
     name: str
     rows_innermost: bool  # the contiguous axis is a row axis (else the features)
+    row_axis: int  # the kernel-layout axis a call's rows are split along
     row_letters: str  # einsum letters of the row axes, outermost first
     user_dims: str  # the user's tensor, for messages
 
@@ -46,6 +50,10 @@ class Layout:
     def split(self, idx: tuple) -> tuple[tuple, object, object]:
         """Splits a kernel-layout index into (row axes, group, feature)."""
         raise NotImplementedError
+
+    def buffer_strides(self, name: str, shape: Sequence) -> list | None:
+        """The strides of row-indexed kernel buffer ``name`` of ``shape``; None: compact."""
+        return None
 
     # -- torch side ------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor, groups: int, in_features: int) -> None:
@@ -83,6 +91,7 @@ class FeaturesLast(Layout):
 
     name = "last"
     rows_innermost = False
+    row_axis = 0
     row_letters = "n"
     user_dims = "(..., groups*in_features)"
 
@@ -133,6 +142,7 @@ class Conv(Layout):
 
     name = "conv"
     rows_innermost = True
+    row_axis = 3
     row_letters = "bl"
     user_dims = "(batch, groups*in_features, length)"
 
@@ -178,7 +188,104 @@ class Conv(Layout):
         return torch.randn(1, groups, features, rows).to(device=device, dtype=dtype)
 
 
-LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (FeaturesLast(), Conv())}
+class EnsembleFirst(Layout):
+    """``(G, ..., K) -> (G, ..., O)`` (an ensemble's members first, as ``bmm`` takes them): the
+    kernel sees ``(G, N, F)``, features contiguous.
+
+    The group and row axes have symbolic strides (``buffer_strides``), so the kernel reads
+    in place any view whose features are contiguous: a slice of the rows of a bigger batch
+    (which the row split of :mod:`tvmgroup.kernel` makes), rows strided or time-major
+    (``(B, G, K).transpose(0, 1)``), or one input expanded over the members (stride 0).
+    """
+
+    name = "ensemble"
+    rows_innermost = False
+    row_axis = 1
+    row_letters = "n"
+    user_dims = "(groups, ..., in_features)"
+
+    def row_dims(self, rows):
+        return [te.var("n") if rows is None else rows]
+
+    def shape(self, dims, groups, features):
+        return [groups, dims[0], features]
+
+    def index(self, row, g, f):
+        return (g, row[0], f)
+
+    def split(self, idx):
+        return (idx[1],), idx[0], idx[2]
+
+    def buffer_strides(self, name, shape):
+        return [tirx.Var(f"{name}_stride_g", "int32"), tirx.Var(f"{name}_stride_n", "int32"), 1]
+
+    def check_input(self, x, groups, in_features):
+        if x.dim() < 2:
+            raise ValueError(
+                f"layout='ensemble' expects x of shape {self.user_dims} (at least 2 dims), got {tuple(x.shape)}"
+            )
+        if x.shape[0] != groups or x.shape[-1] != in_features:
+            raise ValueError(
+                f"layout='ensemble' expects x of shape (groups={groups}, ..., in_features={in_features}), "
+                f"got x of shape {tuple(x.shape)}"
+            )
+
+    def kernel_view(self, t, groups, features):
+        view = _rows_compact(t.view(groups, -1, features) if t.is_contiguous() else _view_or_none(t, groups, features))
+        return view if view is not None else t.contiguous().view(groups, -1, features)
+
+    def out_shape(self, x, groups, features):
+        return [groups, *x.shape[1:-1], features]
+
+    def einsum(self, feature):
+        return f"gn{feature}"
+
+    def bias_view(self, bias):
+        return bias[:, None, :]
+
+    @property
+    def row_sum_dims(self):
+        return (1,)
+
+    def random(self, rows, groups, features, dtype, device="cpu"):
+        return torch.randn(groups, rows, features).to(device=device, dtype=dtype)
+
+
+def _view_or_none(t: torch.Tensor, groups: int, features: int) -> torch.Tensor | None:
+    try:
+        return t.view(groups, -1, features)
+    except RuntimeError:  # the row axes do not merge without a copy
+        return None
+
+
+def _rows_compact(view: torch.Tensor | None) -> torch.Tensor | None:
+    """``view`` if a group-strided kernel buffer takes it (features contiguous), or None.
+
+    A stride of an axis of extent 1 does not matter to the data; the feature axis's is set to
+    1 where it is the only element.
+    """
+    if view is None:
+        return None
+    if view.stride(2) == 1:
+        return view
+    if view.shape[2] == 1:
+        return view.as_strided(view.shape, (view.stride(0), view.stride(1), 1))
+    return None
+
+
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (FeaturesLast(), Conv(), EnsembleFirst())}
+
+
+# Not a kernel layout: one input ``(..., K)`` read by every group, output ``(G, ..., O)``. It
+# runs on the "ensemble" kernels with the input expanded over the groups (stride 0, read in
+# place); autograd of that expand sums grad_x over the groups.
+SHARED_INPUT = "shared"
+SHARED_INPUT_KERNELS = "ensemble"
+
+
+def layout_names() -> tuple[str, ...]:
+    """What the ``layout`` argument of the functional form and the module takes."""
+    return (*LAYOUTS, SHARED_INPUT)
 
 
 def layout_of(name: str) -> Layout:

@@ -24,6 +24,7 @@ from tvmgroup.logs import LogError, TuningLog, find_logs
 from tvmgroup.paths import shipped_logs_dir, user_logs_dir
 from tvmgroup.replay import choice_from_log
 from tvmgroup.target import family_for_device, family_of, target_for_device, target_json, target_key
+from tvmgroup.weights import weight_dims
 
 
 class UntunedShapeWarning(UserWarning):
@@ -83,6 +84,8 @@ def tune_command(spec: OpSpec, target: tvm.target.Target) -> str:
     ]
     if not spec.bias:
         words.append("--no-bias")
+    if spec.weight_layout != "out_in":
+        words.append(f"--weight-layout {spec.weight_layout}")
     words.append(f"--target {tgt}")
     return " ".join(words)
 
@@ -131,20 +134,23 @@ def resolve(spec: OpSpec, target: tvm.target.Target) -> ScheduleChoice:
         return choice
 
 
-def kernel_for_call(op: str, weight, layout: str, bias: bool, device, rows: int) -> Kernel:
+def kernel_for_call(
+    op: str, weight, layout: str, bias: bool, device, rows: int, weight_layout: str = "out_in"
+) -> Kernel:
     """The kernel for one call of ``op``: :func:`kernel_for` once, then a dictionary lookup.
 
     ``rows`` picks the variant: calls below the family's ``serial_below`` multiply-adds get
-    the serial build, which skips waking the thread pool.
+    the serial build, which skips waking the thread pool. ``weight`` is stored in
+    ``weight_layout`` (see :mod:`tvmgroup.weights`).
     """
     family = family_for_device(device.type)
     serial = rows * weight.numel() < family.serial_below
-    key = (op, weight.shape, weight.dtype, layout, bias, device, serial)
+    key = (op, weight.shape, weight.dtype, layout, bias, device, serial, weight_layout)
     kernel = _for_call.get(key)
     if kernel is None:
-        groups, out_features, in_features = weight.shape
+        groups, in_features, out_features = weight_dims(weight.shape, weight_layout)
         dtype = str(weight.dtype).removeprefix("torch.")
-        spec = OpSpec(op, groups, in_features, out_features, dtype, layout, bias)
+        spec = OpSpec(op, groups, in_features, out_features, dtype, layout, bias, weight_layout)
         kernel = kernel_for(spec, family.make_target(None), serial=serial)
         with _lock:
             _for_call[key] = kernel
@@ -217,9 +223,10 @@ def schedule_info(
     device: str = "cpu",
     layout: str = "last",
     bias: bool = True,
+    weight_layout: str = "out_in",
 ) -> dict:
     """Which schedule would serve this op: ``origin``, ``log``, ``tuned_rows``, ``target_key``."""
-    spec = OpSpec(op, groups, in_features, out_features, dtype, layout, bias)
+    spec = OpSpec(op, groups, in_features, out_features, dtype, layout, bias, weight_layout)
     target = target_for_device(device)
     choice = resolve(spec, target)
     return {

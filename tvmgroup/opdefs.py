@@ -21,6 +21,7 @@ import torch
 from tvm import te
 
 from tvmgroup.layouts import Layout
+from tvmgroup.weights import as_out_in, weight_shape
 
 if TYPE_CHECKING:
     from tvmgroup.compute import OpSpec
@@ -33,7 +34,7 @@ class Arg:
     """One kernel argument and the part it plays."""
 
     name: str
-    role: str  # "rows": row-indexed (x, y, grads of them); "weight": (G, O, K); "bias": (G, O)
+    role: str  # "rows": row-indexed (x, y, grads of them); "weight": as stored; "bias": (G, O)
     output: bool = False
     features: str = ""  # rows role: "in" (K) or "out" (O)
     with_bias_only: bool = False  # present only when the op has a bias
@@ -46,7 +47,7 @@ class Arg:
     def shape(self, spec: "OpSpec", layout: Layout, rows: int) -> tuple[int, ...]:
         g, k, o = spec.groups, spec.in_features, spec.out_features
         if self.role == "weight":
-            return (g, o, k)
+            return weight_shape(g, k, o, spec.weight_layout)
         if self.role == "bias":
             return (g, o)
         return tuple(layout.shape(layout.row_dims(rows), g, k if self.features == "in" else o))
@@ -82,9 +83,19 @@ class OpDef:
         return tensors, outs
 
     def reference_outputs(self, spec: "OpSpec", layout: Layout, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The outputs in float64 from the inputs among ``tensors`` (kernel argument order)."""
-        inputs = [t.double() for t, a in zip(tensors, self.arg_list(spec.bias)) if not a.output]
-        return self.reference(layout, inputs, spec.bias)
+        """The outputs in float64 from the inputs among ``tensors`` (kernel argument order).
+
+        The references take and give ``(G, O, K)`` weights: a weight stored otherwise is
+        viewed that way, and a weight output is given back as stored.
+        """
+        args = self.arg_list(spec.bias)
+        inputs = [
+            as_out_in(t.double(), spec.weight_layout) if a.role == "weight" else t.double()
+            for t, a in zip(tensors, args) if not a.output
+        ]
+        outputs = self.reference(layout, inputs, spec.bias)
+        out_args = [a for a in args if a.output]
+        return [as_out_in(t, spec.weight_layout) if a.role == "weight" else t for t, a in zip(outputs, out_args)]
 
 
 # -- TE helpers --------------------------------------------------------------------------------
@@ -109,20 +120,30 @@ def _reduce_axes(dims: Sequence) -> list:
     return [te.reduce_axis((0, d), name=f"r{i}") for i, d in enumerate(dims)]
 
 
+def _weight(spec: "OpSpec") -> tuple[te.Tensor, Callable]:
+    """The weight placeholder as stored, and its element ``(g, o, k)``."""
+    g_, k_, o_ = spec.groups, spec.in_features, spec.out_features
+    w = te.placeholder(weight_shape(g_, k_, o_, spec.weight_layout), spec.dtype, name="weight")
+    if spec.weight_layout == "out_in":
+        return w, lambda g, o, k: w[g, o, k]
+    return w, lambda g, o, k: w[g, k, o]
+
+
 # -- forward: y = x @ weight[g].T + bias[g] -------------------------------------------------------
 
 
 def _forward(spec: "OpSpec", layout: Layout, dims: list):
     g_, k_, o_ = spec.groups, spec.in_features, spec.out_features
     x = te.placeholder(layout.shape(dims, g_, k_), spec.dtype, name="x")
-    w = te.placeholder((g_, o_, k_), spec.dtype, name="weight")
+    w, w_elem = _weight(spec)
     k = te.reduce_axis((0, k_), name="k")
-    if not layout.rows_innermost:
-        # Packed so the innermost (vectorised) output axis reads weight contiguously.
+    if not layout.rows_innermost and spec.weight_layout == "out_in":
+        # Packed so the innermost (vectorised) output axis reads weight contiguously (a
+        # (G, K, O) weight already is).
         wt = te.compute((g_, k_, o_), lambda g, kk, o: w[g, o, kk], name="weight_packed")
         w_at = lambda g, o: wt[g, k, o]  # noqa: E731
     else:
-        w_at = lambda g, o: w[g, o, k]  # noqa: E731
+        w_at = lambda g, o: w_elem(g, o, k)  # noqa: E731
 
     def body(*idx):
         row, g, o = layout.split(idx)
@@ -156,12 +177,16 @@ def _forward_reference(layout: Layout, inputs, with_bias: bool):
 def _grad_input(spec: "OpSpec", layout: Layout, dims: list):
     g_, k_, o_ = spec.groups, spec.in_features, spec.out_features
     dy = te.placeholder(layout.shape(dims, g_, o_), spec.dtype, name="grad_y")
-    w = te.placeholder((g_, o_, k_), spec.dtype, name="weight")
+    w, w_elem = _weight(spec)
     o = te.reduce_axis((0, o_), name="o")
+    if not layout.rows_innermost and spec.weight_layout == "in_out":
+        # Packed so the innermost (vectorised) axis, K, reads the weight contiguously.
+        wt = te.compute((g_, o_, k_), lambda g, oo, kk: w_elem(g, oo, kk), name="weight_packed")
+        w_elem = lambda g, oo, kk: wt[g, oo, kk]  # noqa: E731
 
     def body(*idx):
         row, g, k = layout.split(idx)
-        return te.sum(_mul(dy[layout.index(row, g, o)], w[g, o, k]), axis=o)
+        return te.sum(_mul(dy[layout.index(row, g, o)], w_elem(g, o, k)), axis=o)
 
     dx = _stored(te.compute(layout.shape(dims, g_, k_), body, name="grad_x"), spec.dtype)
     return [dy, w, dx]
@@ -181,11 +206,14 @@ def _grad_weight(spec: "OpSpec", layout: Layout, dims: list):
     x = te.placeholder(layout.shape(dims, g_, k_), spec.dtype, name="x")
     r = _reduce_axes(dims)
     row = tuple(r)
-    dw = te.compute(
-        (g_, o_, k_),
-        lambda g, o, k: te.sum(_mul(dy[layout.index(row, g, o)], x[layout.index(row, g, k)]), axis=r),
-        name="grad_weight",
-    )
+
+    def term(g, o, k):
+        return te.sum(_mul(dy[layout.index(row, g, o)], x[layout.index(row, g, k)]), axis=r)
+
+    if spec.weight_layout == "out_in":
+        dw = te.compute((g_, o_, k_), term, name="grad_weight")
+    else:  # stored as the weight is: (G, K, O)
+        dw = te.compute((g_, k_, o_), lambda g, k, o: term(g, o, k), name="grad_weight")
     outs = [_stored(dw, spec.dtype)]
     if spec.bias:
         rb = _reduce_axes(dims)
@@ -245,7 +273,8 @@ def reference_pass(
 ) -> dict[str, torch.Tensor | None]:
     """A forward and backward pass in float64 on user-layout tensors, from the ops' references.
 
-    Returns ``y`` and ``grad_x`` in the user's layout, ``grad_weight`` ``(G, O, K)`` and
+    ``weight`` is ``(G, O, K)`` (see :func:`tvmgroup.weights.as_out_in`). Returns ``y`` and
+    ``grad_x`` in the user's layout, ``grad_weight`` ``(G, O, K)`` and
     ``grad_bias`` ``(G, O)`` (None without a bias). What the benchmark and the tests check
     every formulation against.
     """

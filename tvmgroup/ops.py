@@ -23,11 +23,12 @@ from tvmgroup.kernel import Kernel
 from tvmgroup.layouts import layout_of
 from tvmgroup.lookup import kernel_for_call
 from tvmgroup.validation import check_input
+from tvmgroup.weights import bias_as_grouped, weight_dims, weight_shape
 
 
-def _run(op: str, weight: Tensor, layout: str, bias: bool, rows: int, *args: Tensor) -> None:
+def _run(op: str, weight: Tensor, layout: str, bias: bool, rows: int, weight_layout: str, *args: Tensor) -> None:
     device = args[0].device
-    kernel: Kernel = kernel_for_call(op, weight, layout, bias, device, rows)
+    kernel: Kernel = kernel_for_call(op, weight, layout, bias, device, rows, weight_layout)
     if kernel.launch is None:
         kernel(*args)
         return
@@ -49,40 +50,50 @@ def _aligned(t: Tensor) -> Tensor:
 # implementations
 
 
-def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str) -> Tensor:
-    """y = x @ weight[g].T + bias[g] per group, in the user's layout."""
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str, weight_layout: str = "out_in") -> Tensor:
+    """y = x @ weight[g].T + bias[g] per group, in the user's layout.
+
+    ``weight`` is stored in ``weight_layout`` (:mod:`tvmgroup.weights`); ``bias`` has any of
+    the bias shapes there (the kernel reads a ``(G, O)`` view of it).
+    """
     lay = layout_of(layout)
-    groups, out_features, in_features = weight.shape
+    groups, in_features, out_features = weight_dims(weight.shape, weight_layout)
     y = x.new_empty(lay.out_shape(x, groups, out_features))
     if x.numel() == 0:
         return y
     args = [_aligned(lay.kernel_view(x, groups, in_features)), _aligned(weight.contiguous())]
     if bias is not None:
-        args.append(_aligned(bias.contiguous()))
+        args.append(_aligned(bias_as_grouped(bias, groups, out_features)))
     args.append(lay.kernel_view(y, groups, out_features))
-    _run("forward", weight, layout, bias is not None, x.numel() // (groups * in_features), *args)
+    rows = x.numel() // (groups * in_features)
+    _run("forward", weight, layout, bias is not None, rows, weight_layout, *args)
     return y
 
 
-def grad_input(grad_y: Tensor, weight: Tensor, layout: str) -> Tensor:
-    """grad_x = grad_y @ weight[g] per group."""
+def grad_input(grad_y: Tensor, weight: Tensor, layout: str, weight_layout: str = "out_in") -> Tensor:
+    """grad_x = grad_y @ weight[g] per group (``weight`` stored in ``weight_layout``)."""
     lay = layout_of(layout)
-    groups, out_features, in_features = weight.shape
+    groups, in_features, out_features = weight_dims(weight.shape, weight_layout)
     grad_x = grad_y.new_empty(lay.out_shape(grad_y, groups, in_features))
     if grad_y.numel() == 0:
         return grad_x
     dy = _aligned(lay.kernel_view(grad_y, groups, out_features))
     dx = lay.kernel_view(grad_x, groups, in_features)
     rows = grad_y.numel() // (groups * out_features)
-    _run("grad_input", weight, layout, False, rows, dy, _aligned(weight.contiguous()), dx)
+    _run("grad_input", weight, layout, False, rows, weight_layout, dy, _aligned(weight.contiguous()), dx)
     return grad_x
 
 
-def grad_weight(grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str) -> tuple[Tensor, Tensor]:
-    """(grad_weight, grad_bias): sums over rows; grad_bias is empty when ``with_bias`` is False."""
+def grad_weight(
+    grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str, weight_layout: str = "out_in"
+) -> tuple[Tensor, Tensor]:
+    """(grad_weight, grad_bias): sums over rows; grad_bias is empty when ``with_bias`` is False.
+
+    grad_weight is stored as the weight is (``weight_layout``); grad_bias is ``(G, O)``.
+    """
     lay = layout_of(layout)
-    groups, out_features, in_features = weight.shape
-    grad_w = weight.new_empty(weight.shape)
+    groups, in_features, out_features = weight_dims(weight.shape, weight_layout)
+    grad_w = weight.new_empty(weight_shape(groups, in_features, out_features, weight_layout))
     grad_b = weight.new_empty((groups, out_features) if with_bias else (0,))
     if grad_y.numel() == 0:
         return grad_w.zero_(), grad_b.zero_()
@@ -91,58 +102,68 @@ def grad_weight(grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layo
     ]
     if with_bias:
         args.append(grad_b)
-    _run("grad_weight", weight, layout, with_bias, grad_y.numel() // (groups * out_features), *args)
+    rows = grad_y.numel() // (groups * out_features)
+    _run("grad_weight", weight, layout, with_bias, rows, weight_layout, *args)
     return grad_w, grad_b
 
 
-def _backward_pass(saved, needs_input_grad, layout: str, with_bias: bool, grad_y: Tensor, grad_input_fn, grad_weight_fn):
+def _backward_pass(
+    saved, needs_input_grad, layout: str, with_bias: bool, grad_y: Tensor, grad_input_fn, grad_weight_fn,
+    weight_layout: str = "out_in", bias_shape: Optional[tuple] = None,
+):
     x, weight = saved
     need_x, need_w, need_b = needs_input_grad[:3]
     grad_x = grad_w = grad_b = None
     if need_x:
-        grad_x = grad_input_fn(grad_y, weight, layout)
+        grad_x = grad_input_fn(grad_y, weight, layout, weight_layout)
     if need_w or need_b:
-        gw, gb = grad_weight_fn(grad_y, x, weight, with_bias and need_b, layout)
+        gw, gb = grad_weight_fn(grad_y, x, weight, with_bias and need_b, layout, weight_layout)
         grad_w = gw if need_w else None
-        grad_b = gb if (need_b and with_bias) else None
-    return grad_x, grad_w, grad_b, None
+        grad_b = gb.view(bias_shape) if (need_b and with_bias) else None  # the bias's own shape
+    return grad_x, grad_w, grad_b, None, None
 
 
 # The backward ops are bilinear too, so their derivatives are calls of the same three kernels.
-# Per group, with rows n (B and L for "conv"):
+# Per group, with rows n (B and L for "conv"), W read as (O, K) whatever its storage:
 #   grad_x[n,k]  = sum_o grad_y[n,o] W[o,k]               (grad_input)
 #   grad_W[o,k]  = sum_n grad_y[n,o] x[n,k],  grad_b[o] = sum_n grad_y[n,o]   (grad_weight)
+# Each call passes the weight convention on: an upstream shaped like the weight is stored as
+# the weight is (grad_weight returns it so), so it is read in the same convention.
 
 
-def _grad_input_backward(saved, needs_input_grad, layout: str, v: Tensor, forward_fn, grad_weight_fn):
+def _grad_input_backward(
+    saved, needs_input_grad, layout: str, weight_layout: str, v: Tensor, forward_fn, grad_weight_fn
+):
     """Gradients of grad_x = grad_input(grad_y, W) for an upstream ``v`` shaped like x:
     dL/dgrad_y = v @ W[g].T (the forward op, no bias) and
-    dL/dW[g] = sum over rows of grad_y[g]^T v[g] (grad_weight, grad_y upstream and v as input)."""
+    dL/dW[g] = sum over rows of grad_y[g]^T v[g] (grad_weight, grad_y upstream and v as input),
+    stored in ``weight_layout`` as W is."""
     grad_y, weight = saved
     need_grad_y, need_w = needs_input_grad[:2]
-    d_grad_y = forward_fn(v, weight, None, layout) if need_grad_y else None
-    d_w = grad_weight_fn(grad_y, v, weight, False, layout)[0] if need_w else None
-    return d_grad_y, d_w, None
+    d_grad_y = forward_fn(v, weight, None, layout, weight_layout) if need_grad_y else None
+    d_w = grad_weight_fn(grad_y, v, weight, False, layout, weight_layout)[0] if need_w else None
+    return d_grad_y, d_w, None, None
 
 
 def _grad_weight_backward(
-    saved, needs_input_grad, layout: str, with_bias: bool, u: Optional[Tensor], c: Optional[Tensor],
-    forward_fn, grad_input_fn,
+    saved, needs_input_grad, layout: str, weight_layout: str, with_bias: bool, u: Optional[Tensor],
+    c: Optional[Tensor], forward_fn, grad_input_fn,
 ):
-    """Gradients of (grad_W, grad_b) = grad_weight(grad_y, x) for upstreams ``u`` (like W) and
-    ``c`` (like b): dL/dgrad_y = x @ u[g].T + c[g] (the forward op, u as weight, c as bias) and
+    """Gradients of (grad_W, grad_b) = grad_weight(grad_y, x) for upstreams ``u`` (like grad_W:
+    stored in ``weight_layout``) and ``c`` (like grad_b, ``(G, O)``):
+    dL/dgrad_y = x @ u[g].T + c[g] (the forward op, u as weight, c as bias) and
     dL/dx = grad_y @ u[g] (grad_input, u as weight). The weight argument only gives shapes."""
     grad_y, x, weight = saved
     need_grad_y, need_x = needs_input_grad[:2]
     c = c if with_bias else None
     if u is None and c is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     d_grad_y = d_x = None
     if need_grad_y:
-        d_grad_y = forward_fn(x, u if u is not None else torch.zeros_like(weight), c, layout)
+        d_grad_y = forward_fn(x, u if u is not None else torch.zeros_like(weight), c, layout, weight_layout)
     if need_x and u is not None:
-        d_x = grad_input_fn(grad_y, u, layout)
-    return d_grad_y, d_x, None, None, None
+        d_x = grad_input_fn(grad_y, u, layout, weight_layout)
+    return d_grad_y, d_x, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,50 +171,67 @@ def _grad_weight_backward(
 
 
 @torch.library.custom_op("tvmgroup::grouped_linear", mutates_args=())
-def grouped_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str) -> Tensor:
-    """y = x @ weight[g].T + bias[g] per group, in the user's layout ("last" or "conv")."""
-    check_input(x, weight, bias, layout)
-    return forward(x, weight, bias, layout)
+def grouped_linear_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str, weight_layout: str = "out_in"
+) -> Tensor:
+    """y = x @ weight[g].T + bias[g] per group, in the user's layout (a kernel layout of
+    :mod:`tvmgroup.layouts`), the weight stored in ``weight_layout``."""
+    check_input(x, weight, bias, layout, weight_layout)
+    return forward(x, weight, bias, layout, weight_layout)
 
 
 @grouped_linear_op.register_fake
-def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str) -> Tensor:
-    check_input(x, weight, bias, layout)
-    return x.new_empty(layout_of(layout).out_shape(x, weight.shape[0], weight.shape[1]))
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str, weight_layout: str = "out_in") -> Tensor:
+    check_input(x, weight, bias, layout, weight_layout)
+    groups, _, out_features = weight_dims(weight.shape, weight_layout)
+    return x.new_empty(layout_of(layout).out_shape(x, groups, out_features))
 
 
 @torch.library.custom_op("tvmgroup::grouped_linear_grad_input", mutates_args=())
-def grad_input_op(grad_y: Tensor, weight: Tensor, layout: str) -> Tensor:
-    return grad_input(grad_y, weight, layout)
+def grad_input_op(grad_y: Tensor, weight: Tensor, layout: str, weight_layout: str = "out_in") -> Tensor:
+    return grad_input(grad_y, weight, layout, weight_layout)
 
 
 @grad_input_op.register_fake
-def _(grad_y: Tensor, weight: Tensor, layout: str) -> Tensor:
-    return grad_y.new_empty(layout_of(layout).out_shape(grad_y, weight.shape[0], weight.shape[2]))
+def _(grad_y: Tensor, weight: Tensor, layout: str, weight_layout: str = "out_in") -> Tensor:
+    groups, in_features, _ = weight_dims(weight.shape, weight_layout)
+    return grad_y.new_empty(layout_of(layout).out_shape(grad_y, groups, in_features))
 
 
 @torch.library.custom_op("tvmgroup::grouped_linear_grad_weight", mutates_args=())
-def grad_weight_op(grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str) -> tuple[Tensor, Tensor]:
+def grad_weight_op(
+    grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str, weight_layout: str = "out_in"
+) -> tuple[Tensor, Tensor]:
     """Returns (grad_weight, grad_bias); grad_bias is empty when ``with_bias`` is False."""
-    return grad_weight(grad_y, x, weight, with_bias, layout)
+    return grad_weight(grad_y, x, weight, with_bias, layout, weight_layout)
 
 
 @grad_weight_op.register_fake
-def _(grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str) -> tuple[Tensor, Tensor]:
-    groups, out_features, _ = weight.shape
+def _(
+    grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str, weight_layout: str = "out_in"
+) -> tuple[Tensor, Tensor]:
+    groups, _, out_features = weight_dims(weight.shape, weight_layout)
     return weight.new_empty(weight.shape), weight.new_empty((groups, out_features) if with_bias else (0,))
 
 
+def _weight_layout_of(rest: list) -> str:
+    """The trailing ``weight_layout`` argument of a call's inputs (absent: the default)."""
+    return rest[0] if rest else "out_in"
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, layout = inputs
+    x, weight, bias, layout, *rest = inputs
     ctx.layout = layout
+    ctx.weight_layout = _weight_layout_of(rest)
     ctx.with_bias = bias is not None
+    ctx.bias_shape = tuple(bias.shape) if bias is not None else None
     ctx.save_for_backward(x, weight)
 
 
 def _backward(ctx, grad_y: Tensor):
     return _backward_pass(
-        ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, grad_y, grad_input_op, grad_weight_op
+        ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, grad_y, grad_input_op, grad_weight_op,
+        ctx.weight_layout, ctx.bias_shape,
     )
 
 
@@ -201,14 +239,15 @@ grouped_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _grad_input_setup_context(ctx, inputs, output) -> None:
-    grad_y, weight, layout = inputs
+    grad_y, weight, layout, *rest = inputs
     ctx.layout = layout
+    ctx.weight_layout = _weight_layout_of(rest)
     ctx.save_for_backward(grad_y, weight)
 
 
 def _grad_input_op_backward(ctx, v: Tensor):
     return _grad_input_backward(
-        ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, v, grouped_linear_op, grad_weight_op
+        ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.weight_layout, v, grouped_linear_op, grad_weight_op
     )
 
 
@@ -216,14 +255,16 @@ grad_input_op.register_autograd(_grad_input_op_backward, setup_context=_grad_inp
 
 
 def _grad_weight_setup_context(ctx, inputs, output) -> None:
-    grad_y, x, weight, with_bias, layout = inputs
+    grad_y, x, weight, with_bias, layout, *rest = inputs
     ctx.layout, ctx.with_bias = layout, with_bias
+    ctx.weight_layout = _weight_layout_of(rest)
     ctx.save_for_backward(grad_y, x, weight)
 
 
 def _grad_weight_op_backward(ctx, u: Optional[Tensor], c: Optional[Tensor]):
     return _grad_weight_backward(
-        ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, u, c, grouped_linear_op, grad_input_op
+        ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.weight_layout, ctx.with_bias, u, c,
+        grouped_linear_op, grad_input_op,
     )
 
 
@@ -244,58 +285,68 @@ class EagerGroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str) -> Tensor:
-        return forward(x, weight, bias, layout)
+    def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str, weight_layout: str = "out_in") -> Tensor:
+        return forward(x, weight, bias, layout, weight_layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _setup_context(ctx, inputs, output)
-        x, weight, bias, _ = inputs
+        x, weight, *_ = inputs
         ctx.save_for_forward(x, weight)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         _, grad_input_fn, grad_weight_fn = _backward_fns(grad_y)
         return _backward_pass(
-            ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, grad_y, grad_input_fn, grad_weight_fn
+            ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, grad_y, grad_input_fn, grad_weight_fn,
+            ctx.weight_layout, ctx.bias_shape,
         )
 
     @staticmethod
-    def jvp(ctx, x_t: Optional[Tensor], weight_t: Optional[Tensor], bias_t: Optional[Tensor], _layout_t) -> Tensor:
+    def jvp(
+        ctx, x_t: Optional[Tensor], weight_t: Optional[Tensor], bias_t: Optional[Tensor], _layout_t, _weight_layout_t=None
+    ) -> Tensor:
         """d(x W^T + b) = dx W^T + x dW^T + db (the op itself, applied to the tangents;
-        through ``apply``, since under torch.func the tangents are wrapped tensors)."""
+        through ``apply``, since under torch.func the tangents are wrapped tensors). The
+        weight's tangent is stored as the weight is, the bias's shaped as the bias."""
         x, weight = ctx.saved_tensors
         op = EagerGroupedLinear.apply
+        layouts = (ctx.layout, ctx.weight_layout)
         terms = []
         if x_t is not None:
-            terms.append(op(x_t, weight, bias_t, ctx.layout))
+            terms.append(op(x_t, weight, bias_t, *layouts))
             bias_t = None
         if weight_t is not None:
-            terms.append(op(x, weight_t, bias_t, ctx.layout))
+            terms.append(op(x, weight_t, bias_t, *layouts))
             bias_t = None
         if bias_t is not None:
-            terms.append(op(torch.zeros_like(x), weight, bias_t, ctx.layout))
+            terms.append(op(torch.zeros_like(x), weight, bias_t, *layouts))
         return _sum(terms)
 
     @staticmethod
-    def vmap(info, in_dims, x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str):
-        return _vmap_rows_or_members(EagerGroupedLinear.apply, info, in_dims, (x, weight, bias, layout))
+    def vmap(
+        info, in_dims, x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str, weight_layout: str = "out_in"
+    ):
+        return _vmap_rows_or_members(EagerGroupedLinear.apply, info, in_dims, (x, weight, bias, layout, weight_layout))
 
 
 def _vmap_rows_or_members(apply, info, in_dims, args: tuple):
-    """A vmap rule for an op whose first argument is row-indexed and whose last is the layout.
+    """A vmap rule for an op whose first argument is row-indexed and whose last two are the
+    layout and the weight layout.
 
     A batch over that argument alone joins its rows (one call, outputs row-indexed); any
     other batch (over parameters: ensembles of layers) runs one call per member.
     """
     first, *rest = args
-    layout = args[-1]
+    layout = args[-2]
     if all(d is None for d in in_dims[1:]):
         first = first.movedim(in_dims[0], 0)
         batch = first.shape[0]
         if layout_of(layout).rows_innermost:  # (V, B, F, L): V joins B
             out = apply(first.reshape(-1, *first.shape[2:]), *rest)
             return out.reshape(batch, -1, *out.shape[1:]), 0
+        if layout_of(layout).row_axis == 1:  # (V, G, ..., F): V joins the rows after G
+            return apply(first.movedim(0, 1), *rest).movedim(1, 0), 0
         return apply(first, *rest), 0
 
     return torch.stack(_per_member(apply, info, in_dims, args)), 0
@@ -338,77 +389,90 @@ class _GradInput(torch.autograd.Function):
     of gradients, ``jacfwd(jacrev(...))`` and Hessian-vector products work."""
 
     @staticmethod
-    def forward(grad_y: Tensor, weight: Tensor, layout: str) -> Tensor:
-        return grad_input(grad_y, weight, layout)
+    def forward(grad_y: Tensor, weight: Tensor, layout: str, weight_layout: str = "out_in") -> Tensor:
+        return grad_input(grad_y, weight, layout, weight_layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _grad_input_setup_context(ctx, inputs, output)
-        grad_y, weight, _ = inputs
+        grad_y, weight, *_ = inputs
         ctx.save_for_forward(grad_y, weight)
 
     @staticmethod
     def backward(ctx, v: Tensor):
         forward_fn, _, grad_weight_fn = _backward_fns(v)
-        return _grad_input_backward(ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, v, forward_fn, grad_weight_fn)
+        return _grad_input_backward(
+            ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.weight_layout, v, forward_fn, grad_weight_fn
+        )
 
     @staticmethod
-    def jvp(ctx, grad_y_t: Optional[Tensor], weight_t: Optional[Tensor], _layout_t) -> Tensor:
-        """d(grad_y W) = d(grad_y) W + grad_y dW."""
+    def jvp(ctx, grad_y_t: Optional[Tensor], weight_t: Optional[Tensor], _layout_t, _weight_layout_t=None) -> Tensor:
+        """d(grad_y W) = d(grad_y) W + grad_y dW (dW stored as W is)."""
         grad_y, weight = ctx.saved_tensors
+        layouts = (ctx.layout, ctx.weight_layout)
         terms = []
         if grad_y_t is not None:
-            terms.append(_GradInput.apply(grad_y_t, weight, ctx.layout))
+            terms.append(_GradInput.apply(grad_y_t, weight, *layouts))
         if weight_t is not None:
-            terms.append(_GradInput.apply(grad_y, weight_t, ctx.layout))
+            terms.append(_GradInput.apply(grad_y, weight_t, *layouts))
         return _sum(terms)
 
     @staticmethod
-    def vmap(info, in_dims, grad_y: Tensor, weight: Tensor, layout: str):
-        return _vmap_rows_or_members(_GradInput.apply, info, in_dims, (grad_y, weight, layout))
+    def vmap(info, in_dims, grad_y: Tensor, weight: Tensor, layout: str, weight_layout: str = "out_in"):
+        return _vmap_rows_or_members(_GradInput.apply, info, in_dims, (grad_y, weight, layout, weight_layout))
 
 
 class _GradWeight(torch.autograd.Function):
     """grad_weight in the eager path, differentiable again like :class:`_GradInput`."""
 
     @staticmethod
-    def forward(grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str) -> tuple[Tensor, Tensor]:
-        return grad_weight(grad_y, x, weight, with_bias, layout)
+    def forward(
+        grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str, weight_layout: str = "out_in"
+    ) -> tuple[Tensor, Tensor]:
+        return grad_weight(grad_y, x, weight, with_bias, layout, weight_layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _grad_weight_setup_context(ctx, inputs, output)
-        grad_y, x, weight, _, _ = inputs
+        grad_y, x, weight, *_ = inputs
         ctx.save_for_forward(grad_y, x, weight)
 
     @staticmethod
     def backward(ctx, u: Tensor, c: Tensor):
         forward_fn, grad_input_fn, _ = _backward_fns(u, c)
         return _grad_weight_backward(
-            ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, u, c, forward_fn, grad_input_fn
+            ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.weight_layout, ctx.with_bias, u, c,
+            forward_fn, grad_input_fn,
         )
 
     @staticmethod
-    def jvp(ctx, grad_y_t: Optional[Tensor], x_t: Optional[Tensor], _weight_t, _with_bias_t, _layout_t):
+    def jvp(
+        ctx, grad_y_t: Optional[Tensor], x_t: Optional[Tensor], _weight_t, _with_bias_t, _layout_t,
+        _weight_layout_t=None,
+    ):
         """d(grad_W) = grad_weight(d grad_y, x) + grad_weight(grad_y, dx);
         d(grad_b) = sum over rows of d grad_y (the first call's bias part)."""
         grad_y, x, weight = ctx.saved_tensors
-        groups, out_features, _ = weight.shape
+        groups, _, out_features = weight_dims(weight.shape, ctx.weight_layout)
+        layouts = (ctx.layout, ctx.weight_layout)
         terms, grad_b_t = [], None
         if grad_y_t is not None:
-            grad_w_t, grad_b_t = _GradWeight.apply(grad_y_t, x, weight, ctx.with_bias, ctx.layout)
+            grad_w_t, grad_b_t = _GradWeight.apply(grad_y_t, x, weight, ctx.with_bias, *layouts)
             terms.append(grad_w_t)
         if x_t is not None:
-            terms.append(_GradWeight.apply(grad_y, x_t, weight, False, ctx.layout)[0])
+            terms.append(_GradWeight.apply(grad_y, x_t, weight, False, *layouts)[0])
         if grad_b_t is None:
             grad_b_t = weight.new_zeros((groups, out_features) if ctx.with_bias else (0,))
         return _sum(terms), grad_b_t
 
     @staticmethod
-    def vmap(info, in_dims, grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str):
+    def vmap(
+        info, in_dims, grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str,
+        weight_layout: str = "out_in",
+    ):
         # Sums over rows differ per member: one call each (joining the members' rows would
         # add their sums together).
-        outs = _per_member(_GradWeight.apply, info, in_dims, (grad_y, x, weight, with_bias, layout))
+        outs = _per_member(_GradWeight.apply, info, in_dims, (grad_y, x, weight, with_bias, layout, weight_layout))
         return tuple(torch.stack(parts) for parts in zip(*outs)), (0, 0)
 
 

@@ -4,43 +4,66 @@ from __future__ import annotations
 
 import torch
 
-from tvmgroup.layouts import layout_of
+from tvmgroup.layouts import SHARED_INPUT, layout_names, layout_of
 from tvmgroup.target import family_for_device
+from tvmgroup.weights import BIAS_LAYOUTS, WEIGHT_LAYOUTS, bias_layout_of, bias_shape, check_weight_layout, weight_dims
 
 
 def check_layout(layout: str) -> None:
-    layout_of(layout)
+    """The ``layout`` argument: a kernel layout, or ``"shared"`` (one input for all groups)."""
+    if layout != SHARED_INPUT and (not isinstance(layout, str) or layout not in layout_names()):
+        raise ValueError(f"layout must be one of {layout_names()}, got {layout!r}")
 
 
-def check_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
-    """Returns (groups, in_features, out_features) of a (G, O, K) weight."""
+def check_shared_input(x: torch.Tensor, in_features: int) -> None:
+    """``layout="shared"``: x is ``(..., in_features)``, the same input for every group."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"layout='shared' expects x of shape (..., in_features={in_features}), read by every group; "
+            f"got x of shape {tuple(x.shape)}"
+        )
+
+
+def check_weight(
+    weight: torch.Tensor, bias: torch.Tensor | None, weight_layout: str = "out_in"
+) -> tuple[int, int, int]:
+    """Returns (groups, in_features, out_features) of a weight stored in ``weight_layout``."""
+    check_weight_layout(weight_layout)
+    dims = WEIGHT_LAYOUTS[weight_layout]
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 3:
         raise ValueError(
-            f"weight must have shape (groups, out_features, in_features), got {tuple(weight.shape)}"
+            f"weight_layout={weight_layout!r} takes a weight of shape {dims}, got {tuple(weight.shape)}"
         )
-    groups, out_features, in_features = weight.shape
+    groups, in_features, out_features = weight_dims(weight.shape, weight_layout)
     if min(groups, out_features, in_features) < 1:
         raise ValueError(f"weight must have no empty dim, got shape {tuple(weight.shape)}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (groups, out_features):
-            raise ValueError(
-                f"bias must have shape (groups, out_features) = {(groups, out_features)}, "
-                f"got {tuple(bias.shape)}"
+        if bias_layout_of(bias.shape, groups, out_features) is None:
+            shapes = " or ".join(
+                f"{dims} = {bias_shape(groups, out_features, name)}" for name, dims in BIAS_LAYOUTS.items()
             )
+            raise ValueError(f"bias must have shape {shapes}, got {tuple(bias.shape)}")
     return groups, in_features, out_features
 
 
-def check_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str) -> None:
+def check_input(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str, weight_layout: str = "out_in"
+) -> None:
     """Validates a forward call; raises ValueError/TypeError naming expected vs got."""
     lay = layout_of(layout)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    groups, in_features, _ = check_weight(weight, bias)
-    lay.check_input(x, groups, in_features)
+    groups, in_features, _ = check_weight(weight, bias, weight_layout)
+    try:
+        lay.check_input(x, groups, in_features)
+    except ValueError as err:
+        raise ValueError(f"{err}{_other_convention_hint(x, weight, lay, weight_layout)}") from None
     tensors = {"x": x, "weight": weight} | ({"bias": bias} if bias is not None else {})
     for name, t in tensors.items():
         if t.device != x.device:
@@ -48,6 +71,18 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         if t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
     check_dtype(x)
+
+
+def _other_convention_hint(x: torch.Tensor, weight: torch.Tensor, lay, weight_layout: str) -> str:
+    """A note when x would fit the weight read in the other convention (a (G, K, O) weight
+    passed as (G, O, K), or the reverse)."""
+    other = next(name for name in WEIGHT_LAYOUTS if name != weight_layout)
+    groups, in_features, _ = weight_dims(weight.shape, other)
+    try:
+        lay.check_input(x, groups, in_features)
+    except ValueError:
+        return ""
+    return f" (weight {tuple(weight.shape)} read as weight_layout={other!r} {WEIGHT_LAYOUTS[other]} would fit)"
 
 
 def check_dtype(x: torch.Tensor) -> None:

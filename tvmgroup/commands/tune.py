@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tvmgroup.commands.arguments import positive
 from tvmgroup.compute import LAYOUTS, OPS
+from tvmgroup.weights import WEIGHT_LAYOUTS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="storage dtype (default float32); the target must run it (CPU: float32)")
     p.add_argument("--layout", choices=LAYOUTS, default="last")
+    p.add_argument("--weight-layout", choices=tuple(WEIGHT_LAYOUTS), default="out_in",
+                   help="how the weight is stored: out_in (G, O, K) or in_out (G, K, O) (default out_in)")
     p.add_argument("--no-bias", dest="bias", action="store_false", help="the layer has no bias")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops (default {','.join(OPS)})")
     p.add_argument("--target", default=None,
@@ -184,7 +187,10 @@ def _run_shape(args: argparse.Namespace) -> int:
     print(f"tuning for {target_key(target)} at {rows} rows, {args.trials} trials per op, {args.space} space{where} -> {root}")
     start = time.perf_counter()
     for op in _ops(args.ops):
-        spec = OpSpec(op, args.groups, args.in_features, args.out_features, args.dtype, args.layout, args.bias)
+        spec = OpSpec(
+            op, args.groups, args.in_features, args.out_features, args.dtype, args.layout, args.bias,
+            args.weight_layout,
+        )
         req = TuneRequest(spec, target, rows, args.trials, root, args.space, keep, args.seed, args.batch, rpc)
         _print_result(spec, tune_op(req, progress=not args.quiet))
     lookup.forget()
