@@ -213,7 +213,9 @@ def tune_op(req: TuneRequest, *, progress: bool = True) -> TuneResult:
     meta = log_meta(req, done)
     write_meta(path, meta)
     database = ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS), allow_missing=True)
-    cores = int(req.target.attrs.get("num-cores", 1) or 1) if family.multi_core else 1
+    # CPU targets: the cores the kernel runs on (builds and search share them with the
+    # measurements). GPU targets measure on the device: build and search on every CPU core.
+    cores = int(req.target.attrs.get("num-cores", 1) or 1) if family.multi_core else (os.cpu_count() or 1)
     builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=BUILD_TIMEOUT_S)
     runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
     bar = tqdm(total=req.trials, initial=done, desc=req.spec.key, unit="trial", disable=not progress, dynamic_ncols=True)
