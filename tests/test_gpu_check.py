@@ -111,10 +111,11 @@ def test_dry_run_on_the_cpu(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     statuses = {s["name"]: s["status"] for s in summary["steps"]}
     assert statuses == {"gpuwheels": "skipped", "install": "ok", "machine": "ok", "gpu_tests": "ok",
-                        "smoke_tests": "ok", "bench": "ok", "bench_autotune": "skipped", "tune": "skipped"}, statuses
+                        "smoke_tests": "ok", "bench_float32": "ok", "bench_bfloat16": "ok", "bench_float16": "ok",
+                        "bench_autotune": "skipped", "tune": "skipped"}, statuses
     assert set(summary["bench"]) == {"bench/float32", "bench/bfloat16", "bench/float16"}
     for where, bench in summary["bench"].items():
         results = {r["name"]: r["status"] for r in bench["shapes"][0]["results"]}
         assert results["bmm"] == "ok", (where, results)
     assert (out / "tuning_logs.tar").exists() and (out / "summary.md").exists()
-    assert {p.name for p in out.glob("*.log")} >= {"install.log", "bench.log", "summary.log"}
+    assert {p.name for p in out.glob("*.log")} >= {"install.log", "bench_bfloat16.log", "summary.log"}

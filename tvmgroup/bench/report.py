@@ -8,6 +8,7 @@ memory floor (bytes / measured copy bandwidth). ``% floor`` = floor / time, 100%
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from tvmgroup.bench.machine import Ceilings
@@ -156,9 +157,14 @@ def write_json(path: Path, data: dict) -> None:
 def write_chart(path: Path, shape_results: list[ShapeResult]) -> bool:
     """Bars of tvmgroup's speedup over each PyTorch formulation, fwd and fwd+bwd side by side.
 
-    Returns False (and writes nothing) when there is no tvmgroup timing to compare with.
+    Returns False (and writes nothing) when there is no tvmgroup timing to compare with, or
+    without matplotlib (a GPU machine may lack it: the numbers are in the other files).
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("bench: matplotlib is not installed; no chart", file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

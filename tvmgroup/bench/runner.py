@@ -43,8 +43,8 @@ def tolerance_for(dtype: torch.dtype) -> float:
     dtype, at most one unit roundoff u of the largest element per rounding, with two roundings
     where the bias is added in an op of its own (a product rounded, then the sum), plus float32
     summation error (about sqrt(K or N) * 2^-24, far below u). The bound is 4u: twice the worst
-    case of two roundings; 1.6e-2 for bfloat16, 2.0e-3 for float16. A formulation that summed
-    in the half type would lose about sqrt(K) * u and fail it at the larger shapes.
+    case of two roundings; 1.6e-2 for bfloat16, 2.0e-3 for float16. The error of a sum kept in
+    the half type grows with its length and exceeds it on long sums.
     """
     if dtype == torch.float32:
         return TOLERANCE
