@@ -119,3 +119,20 @@ def test_dry_run_on_the_cpu(tmp_path):
         assert results["bmm"] == "ok", (where, results)
     assert (out / "tuning_logs.tar").exists() and (out / "summary.md").exists()
     assert {p.name for p in out.glob("*.log")} >= {"install.log", "bench_bfloat16.log", "summary.log"}
+
+
+def test_out_of_time_steps_are_recorded_and_the_summary_still_written(tmp_path):
+    """With the whole budget nearly spent, every step is cut short (exit 124) or not started,
+    and the run still ends with its summary and tar."""
+    env = dict(os.environ, GPU_CHECK_BUDGET_S="21", GPU_CHECK_WORK=str(tmp_path / "work"), PYTHONPATH="",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(out)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    statuses = {s["name"]: s["status"] for s in summary["steps"]}
+    assert statuses["bench_float16"] == "timed out" and statuses["tune"] == "skipped"
+    assert all(s["seconds"] <= s["limit_s"] + 11 for s in summary["steps"])  # timeout -k 10
+    assert summary["ok"] is False and (out / "tuning_logs.tar").exists()
+    assert "no time left" in (out / "bench_float16.log").read_text()
