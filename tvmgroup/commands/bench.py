@@ -27,8 +27,8 @@ group).
 Before timing, each formulation's output and gradients are compared with a float64 reference
 (computed on the same device from the same rounded inputs); one that differs (relative error
 > 1e-4 in float32, > 4 unit roundoffs in bfloat16 / float16: 1.6e-2 / 2.0e-3) is reported
-WRONG and not timed, one that cannot run
-(e.g. torch.compile without a working compiler) is reported FAILED, and the run goes on.
+WRONG and not timed, one that cannot run (e.g. torch.compile without a working compiler) is
+reported FAILED, and the run goes on.
 Compilation (torch.compile, tvmgroup's first call of a shape) happens during that check and is
 not timed. Each timing is the median over --repeats calls after --warmup untimed calls; every
 call takes the next of several freshly random input buffers. conv1d takes its input in its
