@@ -9,6 +9,7 @@
 #
 # Every step runs under `timeout` with its own limit, capped so that the whole script ends
 # within GPU_CHECK_BUDGET_S (default 470 s); a failing step is recorded and the next one runs.
+# A dry run gives every step three times its limit.
 # --dry-run (or GPU_CHECK_DRY_RUN=1) runs what a CPU can: the same steps with the bench on the
 # CPU at a tiny shape, the GPU tests (which skip) of GPU_CHECK_TESTS only, no tuning and no
 # torch.compile, and the summary from what the steps wrote.
@@ -24,7 +25,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root" || exit 2
 work=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 mkdir -p "$work"
-budget=${GPU_CHECK_BUDGET_S:-470}
+# A dry run shares a small CPU machine with other work: its steps get three times the time.
+scale=1; [ "$dry_run" = 1 ] && scale=3
+budget=${GPU_CHECK_BUDGET_S:-$(( 470 * scale ))}
 summary_reserve=15  # seconds kept for the summary and the tar at the end
 started=$(date +%s)
 : > "$out/steps.jsonl"
@@ -32,7 +35,7 @@ started=$(date +%s)
 # step NAME LIMIT_S COMMAND: runs COMMAND in bash under `timeout`, its output also in
 # OUTDIR/NAME.log, and appends {name, rc, seconds, limit_s} to OUTDIR/steps.jsonl.
 step() {
-  local name=$1 limit=$2 cmd=$3
+  local name=$1 limit=$(( $2 * scale )) cmd=$3
   local left=$(( budget - summary_reserve - ($(date +%s) - started) ))
   if [ "$left" -lt "$limit" ]; then limit=$left; fi
   local t0 rc ms
