@@ -30,12 +30,39 @@ class _Recorder:
 @pytest.mark.parametrize("op", OPS)
 def test_operands_are_made_on_the_families_device(op, monkeypatch):
     """A non-CPU family gets its operands on its own device (a fake one here: 'meta')."""
-    fake = dataclasses.replace(target.FAMILIES["cuda"], device_type="meta")
+    fake = dataclasses.replace(target.FAMILIES["cuda"], device_type="meta", launch=None)
     monkeypatch.setitem(target.FAMILIES, "cuda", fake)
     kernel = _Recorder(OpSpec(op, 2, 8, 4), cuda_target("sm_90"))
     with pytest.raises(RuntimeError, match="stop"):
         check.check_kernel(kernel)
     assert kernel.devices and set(kernel.devices) == {"meta"}
+
+
+def test_check_launches_in_the_families_context(monkeypatch):
+    """On CUDA the check's kernel call must run on torch's current stream (the family's launch
+    context), the stream its operands were made and are copied back on."""
+    entered = []
+
+    class Launch:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(("enter", self.device.type))
+
+        def __exit__(self, *exc):
+            entered.append(("exit", self.device.type))
+
+    class InContext(_Recorder):
+        def __call__(self, *args):
+            entered.append(("call", args[0].device.type))
+            raise RuntimeError("stop")
+
+    fake = dataclasses.replace(target.FAMILIES["cuda"], device_type="meta", launch=Launch)
+    monkeypatch.setitem(target.FAMILIES, "cuda", fake)
+    with pytest.raises(RuntimeError, match="stop"):
+        check.check_kernel(InContext(OpSpec("forward", 2, 8, 4), cuda_target("sm_90")))
+    assert entered == [("enter", "meta"), ("call", "meta"), ("exit", "meta")]
 
 
 def test_cpu_operands_stay_on_the_cpu():

@@ -34,7 +34,12 @@ def check_kernel(kernel: Kernel, seed: int = 0) -> None:
     args = [t.to(device) for t in args]
     for i in outs:
         args[i].fill_(float("nan"))
-    kernel(*args)
+    launch = family_of(kernel.target).launch
+    if launch is None:
+        kernel(*args)
+    else:  # CUDA: on torch's current stream, the one that made the operands and copies them back
+        with launch(args[0].device):
+            kernel(*args)
     args = [t.cpu() for t in args]
     refs = op.reference_outputs(spec, layout, args)
     mags = op.reference_outputs(spec, layout, [t.abs() for t in args])

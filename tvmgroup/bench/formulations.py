@@ -5,6 +5,9 @@ compute the same ``y[n, g, :] = x[n, g, :] @ weight[g].T + bias[g]``. Each owns 
 its parameters (so gradients land on them) and reports its gradients in the common
 ``(G, O, K)`` / ``(G, O)`` form for the correctness check.
 
+Every formulation builds on the device and in the dtype of the ``weight`` it is given
+(``tvmgroup bench --device/--dtype``); :attr:`Formulation.devices` says where it runs at all.
+
 Inputs come in one of two layouts (``tvmgroup bench --layout`` picks the set of
 formulations, :data:`BY_LAYOUT`): ``"last"``, ``x`` is ``(N, G*K)`` and ``y`` is ``(N, G*O)``
 (features last, as for ``nn.Linear``); ``"conv"``, ``x`` is ``(1, G*K, N)`` and ``y`` is
@@ -59,7 +62,9 @@ class LinearLoop(Instance):
     def __init__(self, weight: Tensor, bias: Tensor) -> None:
         groups, out_features, in_features = weight.shape
         self.k = in_features
-        self.linears = nn.ModuleList(nn.Linear(in_features, out_features) for _ in range(groups))
+        self.linears = nn.ModuleList(
+            nn.Linear(in_features, out_features, device=weight.device, dtype=weight.dtype) for _ in range(groups)
+        )
         with torch.no_grad():
             for g, lin in enumerate(self.linears):
                 lin.weight.copy_(weight[g])
@@ -83,7 +88,8 @@ class GroupedConv(Instance):
     def __init__(self, weight: Tensor, bias: Tensor) -> None:
         groups, out_features, in_features = weight.shape
         self.shape = weight.shape
-        self.conv = nn.Conv1d(groups * in_features, groups * out_features, kernel_size=1, groups=groups)
+        self.conv = nn.Conv1d(groups * in_features, groups * out_features, kernel_size=1, groups=groups,
+                              device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             self.conv.weight.copy_(weight.reshape(groups * out_features, in_features, 1))
             self.conv.bias.copy_(bias.reshape(-1))
@@ -130,13 +136,37 @@ class Bmm(Combined):
 class CompiledBmm(Combined):
     """``torch.compile`` of :func:`bmm_forward` at this static shape; the first calls compile."""
 
+    mode: str | None = None
+
     def __init__(self, weight: Tensor, bias: Tensor) -> None:
         super().__init__(weight, bias)
         torch._dynamo.reset()  # each shape starts with fresh caches and recompile limits
-        self.fn = torch.compile(bmm_forward, dynamic=False)
+        self.fn = torch.compile(bmm_forward, dynamic=False, mode=self.mode)
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.fn(x, self.weight, self.bias)
+
+
+class AutotunedBmm(CompiledBmm):
+    """``torch.compile(mode="max-autotune")`` of :func:`bmm_forward`: Inductor times its own
+    GEMM candidates (Triton templates, cuBLAS) while it compiles."""
+
+    mode = "max-autotune"
+
+
+class GroupedMm(Combined):
+    """``torch.nn.functional.grouped_mm`` of x viewed (G, N, K) with W^T (G, K, O), + bias.
+
+    The CUDA grouped-GEMM kernel of PyTorch's MoE layers; x's view is row-major per group and
+    W^T column-major, the layouts that kernel takes without a copy.
+    """
+
+    def __call__(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        groups, out_features, in_features = self.weight.shape
+        xg = x.view(n, groups, in_features).transpose(0, 1)
+        y = F.grouped_mm(xg, self.weight.transpose(1, 2)) + self.bias.unsqueeze(1)
+        return y.transpose(0, 1).reshape(n, groups * out_features)
 
 
 class Einsum(Combined):
@@ -187,7 +217,8 @@ class TvmGroup(Instance):
         from tvmgroup import GroupedLinear
 
         groups, out_features, in_features = weight.shape
-        self.layer = GroupedLinear(groups, in_features, out_features, layout="last")
+        self.layer = GroupedLinear(groups, in_features, out_features, layout="last",
+                                   device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             self.layer.weight.copy_(weight)
             self.layer.bias.copy_(bias)
@@ -209,7 +240,8 @@ class TvmGroupConv(TvmGroup):
         from tvmgroup import GroupedLinear
 
         groups, out_features, in_features = weight.shape
-        self.layer = GroupedLinear(groups, in_features, out_features, layout="conv")
+        self.layer = GroupedLinear(groups, in_features, out_features, layout="conv",
+                                   device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             self.layer.weight.copy_(weight)
             self.layer.bias.copy_(bias)
@@ -236,12 +268,26 @@ class Formulation:
     layout: str = "last"
     is_tvmgroup: bool = False
     fits: Callable[[Shape], bool] = lambda shape: True
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    # None where this torch build has what the formulation needs, else why not.
+    unavailable: Callable[[], str | None] = lambda: None
 
-    def why_not(self, shape: Shape) -> str | None:
-        """None if this formulation runs at ``shape``, else the reason it is skipped."""
+    def why_not(self, shape: Shape, device: str = "cpu") -> str | None:
+        """None if this formulation runs at ``shape`` on ``device``, else the reason it is skipped."""
+        if device not in self.devices:
+            return f"runs on {' and '.join(self.devices)} only, not on {device}"
+        missing = self.unavailable()
+        if missing:
+            return missing
         if not self.fits(shape):
             return "the dense weight would be too large"
         return None
+
+
+def _grouped_mm_missing() -> str | None:
+    if not hasattr(F, "grouped_mm"):
+        return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm"
+    return None
 
 
 def _dense_fits(shape: Shape) -> bool:
@@ -258,6 +304,10 @@ FORMULATIONS: dict[str, Formulation] = {
         Formulation("einsum", "torch.einsum('ngk,gok->ngo') + bias", Einsum),
         Formulation("vmap", "torch.func.vmap of F.linear over groups", Vmap),
         Formulation("compile-bmm", "torch.compile of the bmm formulation (static shape)", CompiledBmm),
+        Formulation("autotune-bmm", 'torch.compile(mode="max-autotune") of the bmm formulation', AutotunedBmm,
+                    devices=("cuda",)),
+        Formulation("grouped-mm", "torch.nn.functional.grouped_mm of (G, N, K) views, + bias", GroupedMm,
+                    devices=("cuda",), unavailable=_grouped_mm_missing),
         Formulation("block-diag", "F.linear with the dense torch.block_diag weight", BlockDiag,
                     fits=_dense_fits),
         Formulation("tvmgroup", "tvmgroup.GroupedLinear(layout='last')", TvmGroup, is_tvmgroup=True),
@@ -276,12 +326,18 @@ BY_LAYOUT: dict[str, tuple[str, ...]] = {
     "conv": ("conv1d", "matmul-conv", "tvmgroup-conv"),
 }
 
+# What a GPU run adds to the layout's set: the GPU-only PyTorch formulations.
+EXTRA_ON_DEVICE: dict[tuple[str, str], tuple[str, ...]] = {
+    ("last", "cuda"): ("autotune-bmm", "grouped-mm"),
+}
 
-def select(names: str | None, layout: str = "last") -> list[Formulation]:
+
+def select(names: str | None, layout: str = "last", device: str = "cpu") -> list[Formulation]:
     """The formulations named in a comma-separated list (for None, those of the ``layout``
-    run, :data:`BY_LAYOUT`), in registry order."""
+    run, :data:`BY_LAYOUT`, plus :data:`EXTRA_ON_DEVICE` for ``device``), in registry order."""
     if names is None:
-        return [f for name, f in FORMULATIONS.items() if name in BY_LAYOUT[layout]]
+        wanted = BY_LAYOUT[layout] + EXTRA_ON_DEVICE.get((layout, device), ())
+        return [f for name, f in FORMULATIONS.items() if name in wanted]
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in FORMULATIONS]
     if unknown or not wanted:

@@ -16,7 +16,7 @@ from importlib import metadata
 
 import torch
 
-from tvmgroup.bench.timing import time_calls
+from tvmgroup.bench.timing import Timer, time_calls
 
 
 def cpu_model() -> str:
@@ -38,6 +38,21 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def gpu_info(device: str) -> dict:
+    """The GPU's name, compute capability and memory, and the CUDA torch was built with
+    (empty on the CPU)."""
+    if device != "cuda":
+        return {}
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {
+        "gpu_name": props.name,
+        "gpu_capability": f"{props.major}.{props.minor}",
+        "gpu_memory_gib": round(props.total_memory / (1 << 30), 1),
+        "gpu_count": torch.cuda.device_count(),
+        "cuda": torch.version.cuda,
+    }
+
+
 def machine_info(threads: int, device: str) -> dict:
     return {
         "cpu_model": cpu_model(),
@@ -53,6 +68,7 @@ def machine_info(threads: int, device: str) -> dict:
         "command": shlex.join(["tvmgroup", *sys.argv[1:]]),
         "argv": list(sys.argv),
         "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **gpu_info(device),
     }
 
 
@@ -66,25 +82,31 @@ class Ceilings:
     copy_gbs: float
     copy_gbs_median: float
     copy_mbytes: int
+    # The GEMM's dtype (the "sgemm" names stay for the float32 CPU runs they were made for).
+    gemm_dtype: str = "float32"
+    device: str = "cpu"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def measure_ceilings(sgemm_size: int = 2048, copy_mbytes: int = 256, repeats: int = 5) -> Ceilings:
-    """SGEMM rate of a square float32 ``torch.mm`` and memory bandwidth of a large ``copy_``
-    (read + write bytes counted). The best repeat is the ceiling."""
-    a = torch.randn(sgemm_size, sgemm_size)
-    b = torch.randn(sgemm_size, sgemm_size)
-    c = torch.empty(sgemm_size, sgemm_size)
-    mm = time_calls(lambda i: torch.mm(a, b, out=c), warmup=1, repeats=repeats)
+def measure_ceilings(sgemm_size: int = 2048, copy_mbytes: int = 256, repeats: int = 5, *,
+                     device: str = "cpu", dtype: torch.dtype = torch.float32,
+                     timer: Timer | None = None) -> Ceilings:
+    """GEMM rate of a square ``torch.mm`` in ``dtype`` on ``device`` and memory bandwidth of a
+    large ``copy_`` there (read + write bytes counted). The best repeat is the ceiling.
+    ``timer`` must fit ``device`` (CUDA events on a GPU, where calls return before the work ends)."""
+    a = torch.randn(sgemm_size, sgemm_size, device=device).to(dtype)
+    b = torch.randn(sgemm_size, sgemm_size, device=device).to(dtype)
+    c = torch.empty(sgemm_size, sgemm_size, device=device, dtype=dtype)
+    mm = time_calls(lambda i: torch.mm(a, b, out=c), warmup=1, repeats=repeats, timer=timer)
     flops = 2 * sgemm_size**3
     del a, b, c
 
     elements = copy_mbytes * (1 << 20) // 4
-    src = torch.randn(elements)
-    dst = torch.empty(elements)
-    copy = time_calls(lambda i: dst.copy_(src), warmup=1, repeats=repeats)
+    src = torch.randn(elements, device=device)
+    dst = torch.empty(elements, device=device)
+    copy = time_calls(lambda i: dst.copy_(src), warmup=1, repeats=repeats, timer=timer)
     moved = 2 * elements * 4
     del src, dst
     return Ceilings(
@@ -94,4 +116,6 @@ def measure_ceilings(sgemm_size: int = 2048, copy_mbytes: int = 256, repeats: in
         copy_gbs=moved / copy.min_ms / 1e6,
         copy_gbs_median=moved / copy.median_ms / 1e6,
         copy_mbytes=copy_mbytes,
+        gemm_dtype=str(dtype).removeprefix("torch."),
+        device=device,
     )

@@ -8,6 +8,7 @@ memory floor (bytes / measured copy bandwidth). ``% floor`` = floor / time, 100%
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from tvmgroup.bench.machine import Ceilings
@@ -15,10 +16,30 @@ from tvmgroup.bench.runner import Result, ShapeResult
 from tvmgroup.bench.shapes import Shape
 
 
+def element_size(ceilings: Ceilings) -> int:
+    """Bytes per element of the run's dtype (the dtype the GEMM ceiling was measured in)."""
+    import torch
+
+    return torch.empty((), dtype=getattr(torch, ceilings.gemm_dtype)).element_size()
+
+
+def _gemm_name(ceilings: Ceilings) -> str:
+    if ceilings.device == "cpu" and ceilings.gemm_dtype == "float32":
+        return "SGEMM"
+    return f"GEMM {ceilings.gemm_dtype}"
+
+
+def _machine_text(info: dict) -> str:
+    cpu = f"{info['cpu_model']}, {info['cpu_count']} cores, {info['threads']} threads"
+    if info.get("gpu_name"):
+        return f"{info['gpu_name']} (sm {info['gpu_capability']}, CUDA {info['cuda']}) on {cpu}"
+    return cpu
+
+
 def floors_ms(shape: Shape, ceilings: Ceilings, backward: bool) -> dict[str, float]:
     """Compute and memory floors in milliseconds (the time no implementation can beat)."""
     compute = shape.flops(backward) / (ceilings.sgemm_gflops * 1e9) * 1e3
-    memory = shape.bytes_moved(backward) / (ceilings.copy_gbs * 1e9) * 1e3
+    memory = shape.bytes_moved(backward, element_size(ceilings)) / (ceilings.copy_gbs * 1e9) * 1e3
     return {"compute_ms": compute, "memory_ms": memory, "floor_ms": max(compute, memory)}
 
 
@@ -41,9 +62,10 @@ def _speedup_text(shape_result: ShapeResult, backward: bool) -> str:
 def format_shape(shape_result: ShapeResult, ceilings: Ceilings) -> str:
     shape = shape_result.shape
     fwd, bwd = floors_ms(shape, ceilings, False), floors_ms(shape, ceilings, True)
+    size = element_size(ceilings)
     lines = [
-        f"{shape.label}: fwd {shape.flops(False) / 1e9:.3f} GFLOP, {shape.bytes_moved(False) / 1e6:.1f} MB; "
-        f"fwd+bwd {shape.flops(True) / 1e9:.3f} GFLOP, {shape.bytes_moved(True) / 1e6:.1f} MB",
+        f"{shape.label}: fwd {shape.flops(False) / 1e9:.3f} GFLOP, {shape.bytes_moved(False, size) / 1e6:.1f} MB; "
+        f"fwd+bwd {shape.flops(True) / 1e9:.3f} GFLOP, {shape.bytes_moved(True, size) / 1e6:.1f} MB",
         f"  floors fwd: compute {fwd['compute_ms']:.3f} ms, memory {fwd['memory_ms']:.3f} ms; "
         f"fwd+bwd: compute {bwd['compute_ms']:.3f} ms, memory {bwd['memory_ms']:.3f} ms",
     ]
@@ -67,9 +89,10 @@ def format_shape(shape_result: ShapeResult, ceilings: Ceilings) -> str:
 
 def format_report(shape_results: list[ShapeResult], ceilings: Ceilings, info: dict) -> str:
     head = [
-        f"{info['cpu_model']}, {info['cpu_count']} cores, {info['threads']} threads; "
-        f"torch {info['torch']}, tvm {info['tvm']}; float32, median of timed calls",
-        f"measured ceilings: SGEMM {ceilings.sgemm_gflops:.1f} GFLOP/s (torch.mm {ceilings.sgemm_size}^2), "
+        f"{_machine_text(info)}; "
+        f"torch {info['torch']}, tvm {info['tvm']}; {ceilings.gemm_dtype}, median of timed calls",
+        f"measured ceilings: {_gemm_name(ceilings)} {ceilings.sgemm_gflops:.1f} GFLOP/s "
+        f"(torch.mm {ceilings.sgemm_size}^2), "
         f"memory {ceilings.copy_gbs:.1f} GB/s (copy_ of {ceilings.copy_mbytes} MB, read + write)",
     ]
     return "\n\n".join(["\n".join(head), *(format_shape(s, ceilings) for s in shape_results)]) + "\n"
@@ -78,10 +101,11 @@ def format_report(shape_results: list[ShapeResult], ceilings: Ceilings, info: di
 def format_markdown(shape_results: list[ShapeResult], ceilings: Ceilings, info: dict) -> str:
     """The same numbers as :func:`format_report`, as Markdown tables (for docs/performance.md)."""
     lines = [
-        f"{info['cpu_model']}, {info['cpu_count']} cores, {info['threads']} threads; torch {info['torch']}, "
-        f"tvm {info['tvm']}; `{info['command']}` at {info['utc']}.",
+        f"{_machine_text(info)}; torch {info['torch']}, "
+        f"tvm {info['tvm']}; {ceilings.gemm_dtype}; `{info['command']}` at {info['utc']}.",
         "",
-        f"Measured ceilings: SGEMM {ceilings.sgemm_gflops:.1f} GFLOP/s (`torch.mm` {ceilings.sgemm_size}^2), "
+        f"Measured ceilings: {_gemm_name(ceilings)} {ceilings.sgemm_gflops:.1f} GFLOP/s "
+        f"(`torch.mm` {ceilings.sgemm_size}^2), "
         f"memory {ceilings.copy_gbs:.1f} GB/s (`copy_` of {ceilings.copy_mbytes} MB, read + write).",
     ]
     for s in shape_results:
@@ -111,7 +135,8 @@ def to_json(shape_results: list[ShapeResult], ceilings: Ceilings, info: dict, op
         entry = {
             "shape": s.shape.to_dict(),
             "flops": {"forward": s.shape.flops(False), "forward_backward": s.shape.flops(True)},
-            "bytes": {"forward": s.shape.bytes_moved(False), "forward_backward": s.shape.bytes_moved(True)},
+            "bytes": {"forward": s.shape.bytes_moved(False, element_size(ceilings)),
+                      "forward_backward": s.shape.bytes_moved(True, element_size(ceilings))},
             "floors": {"forward": floors_ms(s.shape, ceilings, False),
                        "forward_backward": floors_ms(s.shape, ceilings, True)},
             "results": [r.to_dict() for r in s.results],
@@ -132,9 +157,14 @@ def write_json(path: Path, data: dict) -> None:
 def write_chart(path: Path, shape_results: list[ShapeResult]) -> bool:
     """Bars of tvmgroup's speedup over each PyTorch formulation, fwd and fwd+bwd side by side.
 
-    Returns False (and writes nothing) when there is no tvmgroup timing to compare with.
+    Returns False (and writes nothing) when there is no tvmgroup timing to compare with, or
+    without matplotlib (a GPU machine may lack it: the numbers are in the other files).
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("bench: matplotlib is not installed; no chart", file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

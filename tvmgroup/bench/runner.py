@@ -24,12 +24,33 @@ from tvmgroup.bench.formulations import (
     run_once,
     to_layout,
 )
-from tvmgroup.bench.shapes import BYTES_PER_ELEMENT, Shape
+from tvmgroup.bench.shapes import Shape
 from tvmgroup.bench.timing import Timer, Timing, time_calls
 from tvmgroup.lookup import UntunedShapeWarning, schedule_info
 
 # Largest allowed max|got - ref| / max|ref| for float32 results.
 TOLERANCE = 1e-4
+
+# Unit roundoff of the half types: 2^-8 for bfloat16 (8 significand bits), 2^-11 for float16.
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    """The largest max|got - ref| / max|ref| accepted for results in ``dtype``.
+
+    float32: :data:`TOLERANCE`. bfloat16 / float16 with float32 sums: the reference runs in
+    float64 on the same rounded inputs, so what is left is the rounding of results to the
+    dtype, at most one unit roundoff u of the largest element per rounding, with two roundings
+    where the bias is added in an op of its own (a product rounded, then the sum), plus float32
+    summation error (about sqrt(K or N) * 2^-24, far below u). The bound is 4u: twice the worst
+    case of two roundings; 1.6e-2 for bfloat16, 2.0e-3 for float16. The error of a sum kept in
+    the half type grows with its length and exceeds it on long sums.
+    """
+    if dtype == torch.float32:
+        return TOLERANCE
+    if dtype in _UNIT_ROUNDOFF:
+        return 4 * _UNIT_ROUNDOFF[dtype]
+    raise ValueError(f"no tolerance for dtype {dtype}; expected float32, bfloat16 or float16")
 
 # Input buffers per shape are capped at this many bytes in all.
 BUFFER_BUDGET_BYTES = 384 << 20
@@ -41,6 +62,8 @@ class Settings:
     repeats: int
     buffers: int
     seed: int = 0
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
 
 
 @dataclass
@@ -94,25 +117,29 @@ def _timing(result: Result, backward: bool) -> Timing | None:
     return result.forward_backward if backward else result.forward
 
 
-def make_buffers(shape: Shape, count: int, seed: int) -> list[tuple[Tensor, Tensor]]:
-    """``count`` pairs of fresh standard-normal (x, grad_y), within the buffer budget."""
-    per_pair = shape.n * shape.groups * (shape.in_features + shape.out_features) * BYTES_PER_ELEMENT
+def make_buffers(shape: Shape, count: int, seed: int, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> list[tuple[Tensor, Tensor]]:
+    """``count`` pairs of fresh standard-normal (x, grad_y) on ``device`` in ``dtype``, within
+    the buffer budget (drawn in float32 by a generator on ``device``, then rounded)."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    per_pair = shape.n * shape.groups * (shape.in_features + shape.out_features) * element_size
     count = max(1, min(count, BUFFER_BUDGET_BYTES // max(per_pair, 1)))
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(shape.n, shape.groups * shape.in_features, generator=gen),
-         torch.randn(shape.n, shape.groups * shape.out_features, generator=gen))
-        for _ in range(count)
-    ]
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(features: int) -> Tensor:
+        return torch.randn(shape.n, features, generator=gen, device=device).to(dtype)
+
+    return [(draw(shape.groups * shape.in_features), draw(shape.groups * shape.out_features)) for _ in range(count)]
 
 
-def shared_parameters(shape: Shape, seed: int) -> tuple[Tensor, Tensor]:
+def shared_parameters(shape: Shape, seed: int, device: str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """One weight (G, O, K) and bias (G, O), scaled like nn.Linear's initialisation."""
     gen = torch.Generator().manual_seed(seed + 1)
     scale = shape.in_features ** -0.5
     weight = torch.randn(shape.groups, shape.out_features, shape.in_features, generator=gen) * scale
     bias = torch.randn(shape.groups, shape.out_features, generator=gen) * scale
-    return weight, bias
+    return weight.to(device=device, dtype=dtype), bias.to(device=device, dtype=dtype)
 
 
 def check(inst: Instance, formulation: Formulation, x: Tensor, grad_y: Tensor,
@@ -160,7 +187,7 @@ def run_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias
                     buffers: list[tuple[Tensor, Tensor]], ref: dict[str, Tensor],
                     settings: Settings, timer: Timer | None) -> Result:
     result = Result(formulation.name, formulation.is_tvmgroup, "ok")
-    reason = formulation.why_not(shape)
+    reason = formulation.why_not(shape, settings.device)
     if reason:
         result.status, result.message = "skipped", reason
         return result
@@ -180,11 +207,12 @@ def run_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias
         traceback.clear_frames(err.__traceback__)
         return result
     result.setup_s = time.perf_counter() - start
-    bad = {k: v for k, v in result.errors.items() if not v <= TOLERANCE}  # NaN counts as bad
+    tolerance = tolerance_for(settings.dtype)
+    bad = {k: v for k, v in result.errors.items() if not v <= tolerance}  # NaN counts as bad
     if bad:
         result.status = "wrong"
         result.message = "relative error " + ", ".join(f"{k}={v:.1e}" for k, v in bad.items()) + \
-            f" > {TOLERANCE:.0e}"
+            f" > {tolerance:.0e}"
         return result
     try:
         result.forward, result.forward_backward = time_formulation(inst, formulation.layout, buffers, settings, timer)
@@ -198,8 +226,8 @@ def run_shape(shape: Shape, formulations: list[Formulation], settings: Settings,
               timer: Timer | None = None, on_start: Callable[[str], None] | None = None,
               on_done: Callable[[Result], None] | None = None) -> ShapeResult:
     """All formulations at one shape; ``on_start(name)`` / ``on_done(result)`` bracket each."""
-    weight, bias = shared_parameters(shape, settings.seed)
-    buffers = make_buffers(shape, settings.buffers, settings.seed)
+    weight, bias = shared_parameters(shape, settings.seed, settings.device, settings.dtype)
+    buffers = make_buffers(shape, settings.buffers, settings.seed, settings.device, settings.dtype)
     x0, grad_y0 = buffers[0]
     ref = reference(x0, weight, bias, grad_y0)
     results = []
@@ -208,6 +236,8 @@ def run_shape(shape: Shape, formulations: list[Formulation], settings: Settings,
             on_start(formulation.name)
         results.append(run_formulation(formulation, shape, weight, bias, buffers, ref, settings, timer))
         gc.collect()
+        if settings.device == "cuda":
+            torch.cuda.empty_cache()  # the next formulation starts with the memory this one held
         if on_done:
             on_done(results[-1])
     return ShapeResult(shape, results)

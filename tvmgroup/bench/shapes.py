@@ -29,7 +29,7 @@ class Shape:
         forward = 2 * self.n * self.groups * self.in_features * self.out_features
         return 3 * forward if backward else forward
 
-    def bytes_moved(self, backward: bool) -> int:
+    def bytes_moved(self, backward: bool, element_size: int = BYTES_PER_ELEMENT) -> int:
         """Bytes if every tensor is read or written exactly once (the memory floor's traffic).
 
         Forward: x, W, b read, y written. Forward+backward adds grad_y read and grad_x, grad_W,
@@ -40,7 +40,7 @@ class Shape:
         elements = x + y + w + b
         if backward:
             elements += y + x + w + b  # grad_y, grad_x, grad_W, grad_b
-        return elements * BYTES_PER_ELEMENT
+        return elements * element_size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +60,23 @@ DEFAULT_SHAPES: tuple[Shape, ...] = (
     Shape(768, 5, 512, 512),  # ensemble with hidden 512, batch 768
     Shape(512, 4, 384, 384),  # block-diagonal MLP: 4 blocks of a 1536-wide layer
 )
+
+# On a GPU the CPU set leaves most of the chip idle; these fill it (N = 65536 rows), the last
+# three at the sizes of real models: an ensemble critic at a large batch, a per-channel head
+# of a time-series model (a batch of 4096, 321 channels, 96 steps -> 96) and an equal-capacity MoE layer.
+GPU_SHAPES: tuple[Shape, ...] = (
+    Shape(65536, 8, 32, 32),
+    Shape(65536, 8, 64, 64),
+    Shape(65536, 8, 128, 128),
+    Shape(65536, 10, 256, 256),
+    Shape(4096, 321, 96, 96),
+    Shape(16384, 8, 512, 1024),
+)
+
+DEFAULT_SHAPES_BY_DEVICE: dict[str, tuple[Shape, ...]] = {
+    "cpu": DEFAULT_SHAPES,
+    "cuda": DEFAULT_SHAPES + GPU_SHAPES,
+}
 
 # Keeps a mistyped shape from allocating the machine's whole memory.
 MAX_ELEMENTS = 1 << 28

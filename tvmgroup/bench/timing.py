@@ -76,15 +76,38 @@ class CpuTimer:
         return self.clock() - start
 
 
-def timer_for(device: str) -> Timer:
-    """The timer for ``device``.
+class CudaTimer:
+    """Device time of a call that queues GPU work: CUDA events recorded on the current stream
+    before and after it, then a synchronise on the second.
 
-    GPU timing is the place for a CUDA-event timer: record a ``torch.cuda.Event`` before and
-    after the call, synchronise on the second, and return ``start.elapsed_time(end) / 1e3``.
+    The host returns from a CUDA call before its kernels finish, so a wall clock would time the
+    launch, not the work. ``event_class`` is ``torch.cuda.Event`` (injectable for tests).
     """
+
+    def __init__(self, event_class: Callable[..., object] | None = None) -> None:
+        if event_class is None:
+            import torch
+
+            event_class = torch.cuda.Event
+        self.event_class = event_class
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        start = self.event_class(enable_timing=True)
+        end = self.event_class(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
+
+
+def timer_for(device: str) -> Timer:
+    """The timer for ``device``: wall clock on the CPU, CUDA events on a GPU."""
     if device == "cpu":
         return CpuTimer()
-    raise NotImplementedError(f"GPU benchmarking is not available yet (device {device!r}); use --device cpu")
+    if device == "cuda":
+        return CudaTimer()
+    raise ValueError(f"no timer for device {device!r}; expected 'cpu' or 'cuda'")
 
 
 def time_calls(

@@ -9,19 +9,26 @@ from pathlib import Path
 
 from tvmgroup.bench.formulations import FORMULATIONS
 from tvmgroup.commands.arguments import non_negative, positive
-from tvmgroup.bench.shapes import DEFAULT_SHAPES, parse_shape
+from tvmgroup.bench.shapes import DEFAULT_SHAPES, DEFAULT_SHAPES_BY_DEVICE, GPU_SHAPES, parse_shape
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 FULL = {"warmup": 3, "repeats": 20, "buffers": 4, "sgemm_size": 2048, "ceiling_repeats": 5}
+# A GPU reaches its GEMM rate only on larger matrices than a CPU (2048^2 leaves an H100 half idle).
+GPU_GEMM_SIZE = 8192
 QUICK = {"warmup": 1, "repeats": 5, "buffers": 2, "sgemm_size": 2048, "ceiling_repeats": 3}
 
 DESCRIPTION = """\
 Times the forward pass (without autograd) and the forward+backward pass (gradients of x,
 weight and bias) of every formulation of y[n,g,:] = x[n,g,:] @ W[g]^T + b[g], float32 on the
-CPU, at each shape N,G,K,O (N rows, G groups, K -> O features per group).
+CPU (--device, --dtype choose), at each shape N,G,K,O (N rows, G groups, K -> O features per
+group).
 
-Before timing, each formulation's output and gradients are compared with a float64 reference;
-one that differs (relative error > 1e-4) is reported WRONG and not timed, one that cannot run
-(e.g. torch.compile without a working compiler) is reported FAILED, and the run goes on.
+Before timing, each formulation's output and gradients are compared with a float64 reference
+(computed on the same device from the same rounded inputs); one that differs (relative error
+> 1e-4 in float32, > 4 unit roundoffs in bfloat16 / float16: 1.6e-2 / 2.0e-3) is reported
+WRONG and not timed, one that cannot run (e.g. torch.compile without a working compiler) is
+reported FAILED, and the run goes on.
 Compilation (torch.compile, tvmgroup's first call of a shape) happens during that check and is
 not timed. Each timing is the median over --repeats calls after --warmup untimed calls; every
 call takes the next of several freshly random input buffers. conv1d takes its input in its
@@ -30,16 +37,24 @@ formulation takes (N, G*K) and returns (N, G*O). block-diag prebuilds its dense 
 forward timing and builds it from the (G, O, K) weight on every fwd+bwd call, so its weight
 gradient stays block-diagonal.
 
-The run also measures this machine's ceilings: SGEMM rate (a square float32 torch.mm) and
-memory bandwidth (a 256 MB copy_, read + write). Per shape the report gives the compute floor
+The run also measures this machine's ceilings: SGEMM rate (a square float32 torch.mm; on a
+GPU, torch.mm in the run's dtype) and memory bandwidth (a 256 MB copy_, read + write, on the
+run's device). Per shape the report gives the compute floor
 (FLOPs / SGEMM rate) and the memory floor (bytes of x, y, W, b -- and for fwd+bwd grad_y,
 grad_x, grad_W, grad_b -- moved once / bandwidth); "% floor" is the larger floor over the
 measured time. FLOPs: forward 2*N*G*K*O, forward+backward 3x that.
+
+--device cuda times with CUDA events on torch's current stream (recorded around each call,
+then synchronised), adds torch.compile(mode="max-autotune") of bmm and
+torch.nn.functional.grouped_mm (skipped with the reason where torch lacks it), runs float32
+without TF32 (so float32 means float32, for cuBLAS and cuDNN alike), and adds shapes that fill
+a GPU to the defaults. Several --dtype values run one after another into DIR/<dtype>/.
 """
 
 EPILOG = "formulations:\n" + "\n".join(f"  {f.name:<12} {f.description}" for f in FORMULATIONS.values()) + f"""
 
 default shapes (N,G,K,O): {'  '.join(s.short for s in DEFAULT_SHAPES)}
+with --device cuda also: {'  '.join(s.short for s in GPU_SHAPES)}
 
 outputs in --output DIR: bench.txt (the table, also printed), bench.md (the same as Markdown
 tables, for docs/performance.md), bench.json (every sample, the
@@ -86,7 +101,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="directory for bench.txt, bench.md, bench.json, bench.png (default: %(default)s/)")
     p.add_argument("--no-chart", action="store_true", help="do not draw bench.png")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="where to run (default cpu; cuda: GPU benchmarking is not available yet)")
+                   help="where to run (default cpu; cuda: the current CUDA GPU, timed with CUDA events)")
+    p.add_argument("--dtype", choices=DTYPES, action="append", metavar="DTYPE",
+                   help=f"dtype of inputs, weights and outputs (repeatable; {', '.join(DTYPES)}; default float32); "
+                        "several run one after another, each into DIR/<dtype>/")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
     p.add_argument("--models", action="store_true",
                    help="time small model stacks instead of single layers: grouped K->H, GELU, LayerNorm, "
@@ -108,42 +126,75 @@ def _model_shape_arg(text: str):
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
     from tvmgroup.bench import formulations as registry
-    from tvmgroup.bench.machine import machine_info, measure_ceilings
-    from tvmgroup.bench.report import format_markdown, format_report, to_json, write_chart, write_json
-    from tvmgroup.bench.runner import Settings, run_shape
+    from tvmgroup.bench.machine import machine_info
+    from tvmgroup.bench.runner import Settings
     from tvmgroup.bench.timing import timer_for
 
+    models = bool(args.models or args.model_shape)
+    dtypes = list(dict.fromkeys(args.dtype or ["float32"]))
+    if models and args.device == "cuda":
+        raise ValueError("--models runs on the CPU only; drop --device cuda")
+    if models and dtypes != ["float32"]:
+        raise ValueError("--models times float32 only; drop --dtype")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA GPU found, and GPU benchmarking is not available yet")
+        raise RuntimeError("--device cuda: torch.cuda.is_available() is False (no CUDA GPU, or a torch "
+                           f"without CUDA: torch {torch.__version__}); use --device cpu")
     timer = timer_for(args.device)
-    chosen = registry.select(args.formulations, args.layout)
-    shapes = list(args.shape or DEFAULT_SHAPES)
+    chosen = registry.select(args.formulations, args.layout, args.device)
+    shapes = list(args.shape or DEFAULT_SHAPES_BY_DEVICE[args.device])
     preset = QUICK if args.quick else FULL
-    settings = Settings(
-        warmup=preset["warmup"] if args.warmup is None else args.warmup,
-        repeats=args.repeats or preset["repeats"],
-        buffers=preset["buffers"],
-        seed=args.seed,
-    )
     torch.set_num_threads(args.threads)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
+    if args.device == "cuda":
+        # float32 means float32: no TF32 in cuBLAS (off by default) nor in cuDNN (on by default).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     args.output.mkdir(parents=True, exist_ok=True)
 
     info = machine_info(args.threads, args.device)
-    if args.models or args.model_shape:
+    if models:
+        settings = Settings(warmup=preset["warmup"] if args.warmup is None else args.warmup,
+                            repeats=args.repeats or preset["repeats"], buffers=preset["buffers"], seed=args.seed)
         return _run_models(args, chosen, settings, timer, info)
+    status = 0
+    for dtype in dtypes:
+        settings = Settings(
+            warmup=preset["warmup"] if args.warmup is None else args.warmup,
+            repeats=args.repeats or preset["repeats"],
+            buffers=preset["buffers"],
+            seed=args.seed,
+            device=args.device,
+            dtype=getattr(torch, dtype),
+        )
+        output = args.output if len(dtypes) == 1 else args.output / dtype
+        status = max(status, _run_layers(args, chosen, shapes, settings, preset, timer, info, output))
+    return status
+
+
+def _run_layers(args, chosen, shapes, settings, preset, timer, info, output: Path) -> int:
+    """The single-layer run in one dtype: ceilings, every shape, the report files in ``output``."""
+    from tqdm import tqdm
+
+    from tvmgroup.bench.machine import measure_ceilings
+    from tvmgroup.bench.report import format_markdown, format_report, to_json, write_chart, write_json
+    from tvmgroup.bench.runner import run_shape
+
+    output.mkdir(parents=True, exist_ok=True)
+    dtype_name = str(settings.dtype).removeprefix("torch.")
     options = {
         "shapes": [s.short for s in shapes], "formulations": [f.name for f in chosen],
         "quick": args.quick, "warmup": settings.warmup, "repeats": settings.repeats,
         "buffers": settings.buffers, "threads": args.threads, "seed": args.seed, "layout": args.layout,
+        "device": settings.device, "dtype": dtype_name,
     }
-    with tqdm(total=1 + len(shapes) * len(chosen), desc="bench", unit="step", file=sys.stderr,
+    with tqdm(total=1 + len(shapes) * len(chosen), desc=f"bench {dtype_name}", unit="step", file=sys.stderr,
               dynamic_ncols=True, mininterval=1.0) as bar:
         bar.set_postfix_str("measuring ceilings")
-        ceilings = measure_ceilings(preset["sgemm_size"], 256, preset["ceiling_repeats"])
+        gemm_size = preset["sgemm_size"] if settings.device == "cpu" else GPU_GEMM_SIZE
+        ceilings = measure_ceilings(gemm_size, 256, preset["ceiling_repeats"],
+                                    device=settings.device, dtype=settings.dtype, timer=timer)
         bar.update()
         shape_results = []
         for shape in shapes:
@@ -159,13 +210,13 @@ def run(args: argparse.Namespace) -> int:
 
     text = format_report(shape_results, ceilings, info)
     print(text, end="")
-    (args.output / "bench.txt").write_text(text)
-    write_json(args.output / "bench.json", to_json(shape_results, ceilings, info, options))
-    (args.output / "bench.md").write_text(format_markdown(shape_results, ceilings, info))
+    (output / "bench.txt").write_text(text)
+    write_json(output / "bench.json", to_json(shape_results, ceilings, info, options))
+    (output / "bench.md").write_text(format_markdown(shape_results, ceilings, info))
     written = ["bench.txt", "bench.md", "bench.json"]
-    if not args.no_chart and write_chart(args.output / "bench.png", shape_results):
+    if not args.no_chart and write_chart(output / "bench.png", shape_results):
         written.append("bench.png")
-    print(f"\nwrote {', '.join(str(args.output / name) for name in written)}")
+    print(f"\nwrote {', '.join(str(output / name) for name in written)}")
     wrong = [(s.shape.short, r.name) for s in shape_results for r in s.results if r.status == "wrong"]
     return 1 if wrong else 0
 

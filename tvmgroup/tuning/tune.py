@@ -293,8 +293,11 @@ def _tune_locked(req: TuneRequest, path: Path, progress: bool, shared_bar: tqdm 
     meta = log_meta(req, done)
     write_meta(path, meta)
     database = ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS), allow_missing=True)
-    cores = int(req.target.attrs.get("num-cores", 1) or 1) if family.multi_core else 1
-    if req.rpc is not None:  # builds run here: as many as this machine has cores
+    # CPU targets: the cores the kernel runs on (builds and search share them with the
+    # measurements). GPU targets, and any target measured over RPC: build and search on every
+    # core of this machine.
+    cores = int(req.target.attrs.get("num-cores", 1) or 1) if family.multi_core else (os.cpu_count() or 1)
+    if req.rpc is not None:
         cores = os.cpu_count() or 1
     builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=BUILD_TIMEOUT_S, initializer=worker_initializer())
     runner = _make_runner(req)
