@@ -109,3 +109,13 @@ def test_a_json_target_names_the_log(tmp_path, fake_tune, monkeypatch, capsys):
                      "--target", target, "--trials", "1", "--output", str(tmp_path)]) == 0
     assert target_key(seen[0].target) == "llvm-skylake-avx512"
     assert "llvm-skylake-avx512" in str(seen[0].path)
+
+
+@pytest.mark.parametrize("option", [["--rows", "100"], ["--dtype", "float16"], ["--layout", "conv"],
+                                    ["--weight-layout", "in_out"], ["--no-bias"], ["--ops", "forward"]])
+def test_model_refuses_one_shape_options(option, capsys):
+    from tvmgroup.cli import main
+
+    assert main(["tune", "--model", "nowhere:make", *option]) == 2
+    err = capsys.readouterr().err
+    assert "--model takes" in err and option[0] in err

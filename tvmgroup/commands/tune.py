@@ -111,11 +111,24 @@ def _ops(text: str) -> list[str]:
     return ops
 
 
+# Options that describe one shape, with their defaults; --model reads all of them from the model.
+_ONE_SHAPE_OPTIONS = {
+    "rows": ("--rows", 4096), "dtype": ("--dtype", "float32"), "layout": ("--layout", "last"),
+    "weight_layout": ("--weight-layout", "out_in"), "bias": ("--no-bias", True), "ops": ("--ops", ",".join(OPS)),
+}
+
+
 def run(args: argparse.Namespace) -> int:
     shape = (args.groups, args.in_features, args.out_features)
     if args.model is not None:
         if any(v is not None for v in shape):
             raise ValueError("--model tunes the shapes the model runs: leave out --groups/--in-features/--out-features")
+        given = [flag for name, (flag, default) in _ONE_SHAPE_OPTIONS.items() if getattr(args, name) != default]
+        if given:
+            raise ValueError(
+                f"--model takes rows, dtype, layout, weight layout, bias and ops from the model's layers: "
+                f"leave out {', '.join(given)} (--inference tunes the forward ops only)"
+            )
         return _run_model(args)
     if args.inference:
         raise ValueError("--inference goes with --model")
