@@ -213,11 +213,13 @@ class BlockDiag(Combined):
 class TvmGroup(Instance):
     """``tvmgroup.GroupedLinear(layout="last")``; its first call of a shape compiles kernels."""
 
+    layout = "last"
+
     def __init__(self, weight: Tensor, bias: Tensor) -> None:
         from tvmgroup import GroupedLinear
 
         groups, out_features, in_features = weight.shape
-        self.layer = GroupedLinear(groups, in_features, out_features, layout="last",
+        self.layer = GroupedLinear(groups, in_features, out_features, layout=self.layout,
                                    device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             self.layer.weight.copy_(weight)
@@ -236,15 +238,7 @@ class TvmGroup(Instance):
 class TvmGroupConv(TvmGroup):
     """``tvmgroup.GroupedLinear(layout="conv")`` on ``(1, G*K, N)``, as ``nn.Conv1d`` takes it."""
 
-    def __init__(self, weight: Tensor, bias: Tensor) -> None:
-        from tvmgroup import GroupedLinear
-
-        groups, out_features, in_features = weight.shape
-        self.layer = GroupedLinear(groups, in_features, out_features, layout="conv",
-                                   device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            self.layer.weight.copy_(weight)
-            self.layer.bias.copy_(bias)
+    layout = "conv"
 
 
 class MatmulConv(Combined):
