@@ -74,6 +74,27 @@ def test_only_some_inputs_require_grad(requires, inputs, ref_grads, close):
             assert t.grad is None, f"{name} does not require grad but got one"
 
 
+def test_each_eager_call_takes_the_function_it_needs(inputs, ref_grads, close):
+    """Plain training calls record the lean EagerBackward; forward-mode AD and torch.func
+    get EagerGroupedLinear's jvp and vmap rules; both give the float64 gradients."""
+    x, weight, bias = inputs(3, 5, 4, (13, 15))
+    weight.requires_grad_()
+    y = grouped_linear(x, weight, bias)
+    assert type(y.grad_fn).__name__ == "EagerBackwardBackward"
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    close(weight.grad, *ref_grads(x, weight, bias, grad_y, "last")["weight"], what="grad_weight")
+
+    import torch.autograd.forward_ad as fwAD
+
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        y_dual = grouped_linear(fwAD.make_dual(x, tangent), weight, bias)
+        assert type(y_dual.grad_fn).__name__ == "EagerGroupedLinearBackward"
+        jvp = fwAD.unpack_dual(y_dual).tangent
+    close(jvp, *ref_grads(tangent, weight, None, grad_y, "last")["y"], what="jvp")
+
+
 def test_weight_grad_without_bias(inputs, ref_grads, close):
     x, weight, _ = inputs(3, 5, 4, (13, 15), bias=False)
     weight.requires_grad_()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tvmgroup.layouts import SHARED_INPUT, SHARED_INPUT_KERNELS
-from tvmgroup.ops import EagerGroupedLinear, forward, grouped_linear_op
+from tvmgroup.ops import EagerBackward, EagerGroupedLinear, forward, grouped_linear_op
 from tvmgroup.validation import check_input, check_layout, check_shared_input, check_weight
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -60,15 +60,22 @@ def grouped_linear(
     check_input(x, weight, bias, layout, weight_layout)
     if not _eager(x, weight, bias):
         return grouped_linear_op(x, weight, bias, layout, weight_layout)
-    if _plain(x, weight, bias):
+    transformed = _transformed()
+    if not transformed and not _needs_grad(x, weight, bias):
         return forward(x, weight, bias, layout, weight_layout)
+    if not transformed:
+        return EagerBackward.apply(x, weight, bias, layout, weight_layout)
     return EagerGroupedLinear.apply(x, weight, bias, layout, weight_layout)
 
 
-def _plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Nothing to differentiate or transform: the implementation alone serves."""
-    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
-        return False
-    return not torch.is_grad_enabled() or not (
+def _transformed() -> bool:
+    """A function transform (``torch.func``) or forward-mode AD is active: they need
+    :class:`~tvmgroup.ops.EagerGroupedLinear`'s ``jvp`` and ``vmap`` rules."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Autograd records the call: grad mode is on and an argument requires a gradient."""
+    return torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )

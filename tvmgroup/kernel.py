@@ -108,8 +108,12 @@ class Kernel:
 
     def __call__(self, *args: torch.Tensor) -> None:
         """Runs the op on tensors already in kernel layout (see :mod:`tvmgroup.opdefs`)."""
-        if any(_span(t) > MAX_KERNEL_ELEMENTS for t in args):
-            self._call_in_chunks(*args)
+        for t in args:  # a loop, not any(...): this runs on every call of every layer
+            if _span(t) > MAX_KERNEL_ELEMENTS:
+                self._call_in_chunks(*args)
+                return
+        if self.row_tile == 1:
+            self._main(*args)
         else:
             self._call_fitting(*args)
 

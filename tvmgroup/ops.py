@@ -330,6 +330,24 @@ class EagerGroupedLinear(torch.autograd.Function):
         return _vmap_rows_or_members(EagerGroupedLinear.apply, info, in_dims, (x, weight, bias, layout, weight_layout))
 
 
+class EagerBackward(torch.autograd.Function):
+    """:class:`EagerGroupedLinear` for calls under no function transform or forward-mode AD
+    (most training calls): the same backward, in the combined ``forward(ctx, ...)`` form.
+
+    ``Function.apply`` binds the arguments through ``inspect.signature`` for Functions with
+    a separate ``setup_context`` (which ``vmap`` rules need), about 20 us a call: as much as
+    a small layer's kernels. Its backward is :class:`EagerGroupedLinear`'s (differentiable
+    again while recorded).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: str, weight_layout: str) -> Tensor:
+        _setup_context(ctx, (x, weight, bias, layout, weight_layout), None)
+        return forward(x, weight, bias, layout, weight_layout)
+
+    backward = staticmethod(EagerGroupedLinear.backward)
+
+
 def _vmap_rows_or_members(apply, info, in_dims, args: tuple):
     """A vmap rule for an op whose first argument is row-indexed and whose last two are the
     layout and the weight layout.
@@ -476,4 +494,4 @@ class _GradWeight(torch.autograd.Function):
         return tuple(torch.stack(parts) for parts in zip(*outs)), (0, 0)
 
 
-__all__ = ["grouped_linear_op", "grad_input_op", "grad_weight_op", "EagerGroupedLinear", "forward", "grad_input", "grad_weight"]
+__all__ = ["grouped_linear_op", "grad_input_op", "grad_weight_op", "EagerGroupedLinear", "EagerBackward", "forward", "grad_input", "grad_weight"]

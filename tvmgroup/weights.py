@@ -66,9 +66,13 @@ def bias_shape(groups: int, out_features: int, bias_layout: str) -> tuple[int, .
 
 def bias_layout_of(shape, groups: int, out_features: int) -> str | None:
     """The name of the bias layout of ``shape``, or None if it is none of them."""
-    for name in BIAS_LAYOUTS:
-        if tuple(shape) == bias_shape(groups, out_features, name):
-            return name
+    shape = tuple(shape)
+    if shape == (groups, out_features):
+        return "grouped"
+    if shape == (groups, 1, out_features):
+        return "broadcast"
+    if shape == (groups * out_features,):
+        return "flat"
     return None
 
 
