@@ -15,7 +15,7 @@ from tvmgroup import lookup
 from tvmgroup.compute import OPS, OpSpec
 from tvmgroup.lookup import TuningLogWarning, UntunedShapeWarning
 from tvmgroup.paths import user_logs_dir
-from tvmgroup.target import cpu_target, cuda_target, target_key
+from tvmgroup.target import cpu_target, cpu_vector_bits, cuda_target, target_key
 from tvmgroup import check
 from tvmgroup.logs import META, RECORDS, LogError, find_logs
 
@@ -92,11 +92,38 @@ def test_shipped_log_after_user(monkeypatch, tmp_path):
     assert info()["origin"] == "user"
 
 
-def test_other_cpu_of_the_family_is_used_with_a_note():
-    fake_log(user_logs_dir(), SPEC, cpu_target(), key="llvm-someothercpu")
+# x86 CPUs LLVM knows, by the width of their widest float vector.
+CPUS_BY_WIDTH = {512: ("znver4", "skylake-avx512", "icelake-server"), 256: ("haswell", "znver3", "znver2"),
+                 128: ("x86-64", "nehalem", "westmere")}
+
+
+def _other_cpu(same_width: bool) -> str:
+    own = cpu_target().attrs["mcpu"]
+    width = cpu_vector_bits(own)
+    names = [name for bits, cpus in CPUS_BY_WIDTH.items() if (bits == width) == same_width for name in cpus]
+    return next(name for name in names if name != own)
+
+
+def test_other_cpu_of_the_same_vector_width_is_used_with_a_note():
+    fake_log(user_logs_dir(), SPEC, cpu_target(), key=f"llvm-{_other_cpu(same_width=True)}")
     with pytest.warns(TuningLogWarning, match="another CPU"):
         assert info()["origin"] == "user"
     assert forward_error(9) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["other-width", "unknown", "not-a-name"])
+def test_other_cpu_of_another_vector_width_or_unknown_is_not_used(name):
+    mcpu = {"other-width": _other_cpu(same_width=False), "unknown": "someothercpu", "not-a-name": "bad name!"}[name]
+    fake_log(user_logs_dir(), SPEC, cpu_target(), key=f"llvm-{mcpu}")
+    with pytest.warns(UntunedShapeWarning):
+        assert info()["origin"] == "default"
+
+
+def test_vector_widths_of_known_cpus():
+    for bits, cpus in CPUS_BY_WIDTH.items():
+        for name in cpus:
+            assert cpu_vector_bits(name) == bits, name
+    assert cpu_vector_bits("someothercpu") is None and cpu_vector_bits("-mattr=+avx") is None
 
 
 def test_cuda_log_is_not_used_for_the_cpu():

@@ -2,8 +2,8 @@
 
 Order: the user's logs (``$TVMGROUP_HOME/tuning_logs``), then the logs shipped in the
 package, then the default schedule. Within a source, a log for this exact target key comes
-first, then one for another CPU of the same family (another ``llvm-*`` key), with a one-time
-note. A log that is corrupt, foreign, does not replay, fails to compile or fails its one-time
+first, then one for another CPU of the same vector width (another ``llvm-*`` key whose CPU
+has AVX-512, or AVX2, as this one does), with a one-time note. A log that is corrupt, foreign, does not replay, fails to compile or fails its one-time
 float64 check is skipped with a warning, and the next source serves instead. An op no log
 covers warns once per shape (:class:`UntunedShapeWarning`; ``TVMGROUP_QUIET=1`` silences it).
 """
@@ -63,14 +63,11 @@ def _warn_once(key: str, message: str, category: type[Warning]) -> None:
 
 def _candidates(root, spec: OpSpec, target: tvm.target.Target) -> list[TuningLog]:
     """Template-space logs of ``spec``: this target key first, then others of its family
-    where the family allows (another CPU's log still beats no log)."""
+    where the family allows (another CPU's log of the same vector width still beats no log)."""
     key, family = target_key(target), family_of(target)
     logs = [log for log in find_logs(root, spec_key=spec.key) if log.space == "template"]
     exact = [log for log in logs if log.target_key == key]
-    others = [
-        log for log in logs
-        if family.logs_cross_targets and log.target_key != key and log.target_key.startswith(f"{family.kind}-")
-    ]
+    others = [log for log in logs if log.target_key != key and family.log_may_serve(log.target_key, key)]
     order = lambda log: (-log.trials, -log.rows)  # noqa: E731  most trials, then the largest N
     return sorted(exact, key=order) + sorted(others, key=order)
 

@@ -51,6 +51,34 @@ def cuda_target(arch: str | None = None) -> tvm.target.Target:
     return tvm.target.Target({"kind": "cuda", "arch": arch})
 
 
+_CPU_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vector_bits(mcpu: str) -> int | None:
+    """The widest float vector of the CPU LLVM calls ``mcpu`` on this machine's architecture:
+    512 with AVX-512, 256 with AVX2, else 128; None for a name LLVM does not know.
+
+    Logs of another CPU serve only a CPU of the same width: their register tiles and vector
+    lengths were chosen for it. The name comes from a log's key (data others can write), so
+    it is checked before LLVM sees it."""
+    if not isinstance(mcpu, str) or not _CPU_NAME.fullmatch(mcpu):
+        return None
+    codegen = tvm.target.codegen
+    triple = codegen.llvm_get_system_triple()
+    if not codegen.llvm_is_valid_cpu(mcpu, triple):
+        return None
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "mtriple": triple})
+    for feature, bits in (("avx512f", 512), ("avx2", 256)):
+        if codegen.llvm_cpu_has_features(feature, target):
+            return bits
+    return 128
+
+
+def _cpu_log_class(key: str) -> int | None:
+    return cpu_vector_bits(key.removeprefix("llvm-")) if key.startswith("llvm-") else None
+
+
 def _cpu_target_for(variant: str | None) -> tvm.target.Target:
     if variant:
         raise ValueError(f"the CPU target takes no variant, got {variant!r}; say 'llvm' or 'cpu'")
@@ -85,6 +113,9 @@ class TargetFamily:
     key_attr: str  # target attribute that tells two targets of the family apart in keys
     row_multiple: int  # tuning row counts are a multiple of this (exact tiles)
     logs_cross_targets: bool  # a log of another target of the family may serve (with a note)
+    # What another target's log must share with this one to serve it (CPU: the vector width
+    # in bits); None for a key it cannot place. No function: any target of the family.
+    log_class: Callable[[str], object] | None = None
     launch: Callable[[torch.device], ContextManager] | None = None  # context for a kernel call
     multi_core: bool = False  # the target has a "num-cores" attribute (parallel builds/measures)
     postprocs: tuple[str, ...] = ()  # MetaSchedule postprocessors (by name) a tuned candidate passes
@@ -99,6 +130,17 @@ class TargetFamily:
 
     def key(self, target: tvm.target.Target) -> str:
         return f"{self.kind}-{target.attrs.get(self.key_attr, 'generic')}"
+
+    def log_may_serve(self, log_key: str, key: str) -> bool:
+        """Whether a log tuned for target key ``log_key`` may serve target key ``key``."""
+        if log_key == key:
+            return True
+        if not self.logs_cross_targets or not log_key.startswith(f"{self.kind}-"):
+            return False
+        if self.log_class is None:
+            return True
+        mine = self.log_class(key)
+        return mine is not None and self.log_class(log_key) == mine
 
     def template(self) -> Callable[..., None]:
         from tvmgroup.schedules import template_for
@@ -115,7 +157,7 @@ class TargetFamily:
 FAMILIES: dict[str, TargetFamily] = {
     "llvm": TargetFamily(
         "llvm", ("llvm", "cpu"), "cpu", (torch.float32,), _cpu_target_for, "mcpu",
-        row_multiple=CPU_ROW_MULTIPLE, logs_cross_targets=True, multi_core=True,
+        row_multiple=CPU_ROW_MULTIPLE, logs_cross_targets=True, log_class=_cpu_log_class, multi_core=True,
         serial_loops=serial_loops, serial_below=1 << 16, on_load=_use_shared_pool,
     ),
     "cuda": TargetFamily(
