@@ -126,6 +126,32 @@ def test_vector_widths_of_known_cpus():
     assert cpu_vector_bits("someothercpu") is None and cpu_vector_bits("-mattr=+avx") is None
 
 
+def _with_default(path, value) -> None:
+    meta = json.loads((path / META).read_text())
+    meta["default_seconds"] = value
+    (path / META).write_text(json.dumps(meta))
+
+
+def test_a_log_serves_only_where_it_beat_its_default():
+    path = fake_log(user_logs_dir(), SPEC, cpu_target())  # best record: 1e-5 s
+    _with_default(path, 1.5e-5)
+    assert info()["origin"] == "user"
+    lookup.forget()
+    _with_default(path, 1.01e-5)  # under 2% slower than the best: the default serves
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tuned shape: no untuned warning
+        got = info()
+    assert got["origin"] == "default" and got["log"] == str(path) and "within 2%" in got["note"]
+    assert forward_error(9) < 1e-5
+
+
+@pytest.mark.parametrize("value", ["fast", -1.0, float("nan"), True, None, [1]])
+def test_a_default_latency_that_is_not_a_positive_number_is_ignored(value):
+    path = fake_log(user_logs_dir(), SPEC, cpu_target())
+    _with_default(path, value)
+    assert info()["origin"] == "user"
+
+
 def test_cuda_log_is_not_used_for_the_cpu():
     fake_log(user_logs_dir(), SPEC, cpu_target(), key="cuda-sm_90")
     with pytest.warns(UntunedShapeWarning):
@@ -320,3 +346,21 @@ def test_the_tune_command_named_for_an_in_out_weight_parses():
     args = build_parser().parse_args(command.split()[1:])
     assert (args.layout, args.weight_layout) == ("ensemble", "in_out")
     assert "--weight-layout" not in lookup.tune_command(SPEC, cpu_target())
+
+
+def test_default_schedules_override_a_log_inside_the_context():
+    import torch
+
+    from tvmgroup.lookup import default_schedules, kernel_for_call
+
+    fake_log(user_logs_dir(), SPEC, cpu_target())
+
+    weight = torch.randn(2, 8, 8)
+    device = torch.device("cpu")
+    tuned = kernel_for_call("forward", weight, "last", True, device, 512)
+    with default_schedules():
+        default = kernel_for_call("forward", weight, "last", True, device, 512)
+        assert forward_error(9) < 1e-5
+    again = kernel_for_call("forward", weight, "last", True, device, 512)
+    assert tuned.choice.origin == "user" and again is tuned
+    assert default.choice.origin == "default"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import torch
 from tvmgroup import cli
 from tvmgroup.compute import OpSpec
 from tvmgroup.target import cpu_target, target_key
-from tvmgroup.logs import RECORDS, count_records, find_logs, prune
+from tvmgroup.logs import META, RECORDS, count_records, find_logs, mean_secs, prune, read_records
 from tvmgroup.tuning import tune as tune_mod
 from tvmgroup.tuning.tune import TuneRequest, tune_op
 
@@ -66,18 +67,59 @@ print(json.dumps({"info": info, "errors": errors, "kernel_origin": kernel.choice
 """
 
 
-def test_new_process_uses_the_log_at_any_n(tuned_home):
-    env = dict(os.environ, TVMGROUP_HOME=str(tuned_home))
+def _home_with_default(tuned_home: Path, tmp_path: Path, default_seconds) -> Path:
+    """A copy of the tuned home whose log says the default ran ``default_seconds``
+    (a callable of the log's best)."""
+    home = tmp_path / "home"
+    shutil.copytree(tuned_home, home)
+    (log,) = find_logs(home / "tuning_logs", spec_key=SPEC.key)
+    meta = json.loads((log.path / META).read_text())
+    best = min(mean_secs(r[1]) for _, r in read_records(log.path))
+    meta["default_seconds"] = default_seconds(best)
+    (log.path / META).write_text(json.dumps(meta))
+    return home
+
+
+def _check_in_new_process(home: Path) -> tuple[dict, str]:
+    env = dict(os.environ, TVMGROUP_HOME=str(home))
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(err < 1e-5 for err in out["errors"].values()), out["errors"]
+    assert "UntunedShapeWarning" not in done.stderr and "skipping" not in done.stderr
+    return out, done.stderr
+
+
+def test_new_process_uses_the_log_at_any_n(tuned_home, tmp_path):
+    home = _home_with_default(tuned_home, tmp_path, lambda best: 2 * best)  # the log beat its default
+    out, _ = _check_in_new_process(home)
     info = out["info"]
     assert info["origin"] == "user" and info["tuned_rows"] == 256
     assert info["target_key"] == target_key(cpu_target())
-    assert Path(info["log"]) == tuned_home / "tuning_logs" / info["target_key"] / SPEC.key / "n256"
+    assert Path(info["log"]) == home / "tuning_logs" / info["target_key"] / SPEC.key / "n256"
     assert out["kernel_origin"] == "user"
-    assert all(err < 1e-5 for err in out["errors"].values()), out["errors"]
-    assert "UntunedShapeWarning" not in done.stderr and "skipping" not in done.stderr
+
+
+def test_a_log_that_did_not_beat_its_default_leaves_the_default(tuned_home, tmp_path):
+    home = _home_with_default(tuned_home, tmp_path, lambda best: best * 1.01)  # within 2%
+    out, _ = _check_in_new_process(home)
+    info = out["info"]
+    assert info["origin"] == "default" and out["kernel_origin"] == "default"
+    assert Path(info["log"]).parent.parent.parent == home / "tuning_logs"
+    assert "within 2% of the best of 4 trials" in info["note"]
+
+
+def test_the_log_records_the_default_and_the_command_prints_both(tuned_home, tmp_path):
+    (log,) = find_logs(tuned_home / "tuning_logs", spec_key=SPEC.key)
+    default = json.loads((log.path / META).read_text())["default_seconds"]
+    latencies = [mean_secs(r[1]) for _, r in read_records(log.path)]
+    assert default in latencies and min(latencies) <= default  # the default is one of the records
+    home = tmp_path / "again"
+    shutil.copytree(tuned_home, home)
+    done = tvmgroup_cli(home, "tune", *SHAPE, "--rows", "256", "--ops", "forward", "--trials", "4", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert f"against the default's {default * 1e6:.1f} us" in done.stdout
+    assert "lookup uses the log" in done.stdout or "lookup keeps the default" in done.stdout
 
 
 def test_same_command_again_runs_nothing(tuned_home):
@@ -156,9 +198,16 @@ def test_interrupted_run_leaves_a_loadable_log_and_resumes(tmp_path):
         assert proc.returncode == 130 and "interrupted" in err and "Run the same command again" in err, err
     assert recorded >= 1
     env_check = dict(env, PYTHONWARNINGS="error::UserWarning")  # a skipped log would warn
-    check = subprocess.run([sys.executable, "-c", "import tvmgroup; print(tvmgroup.schedule_info('grad_input', 2, 8, 8)['origin'])"],
-                           env=env_check, capture_output=True, text=True, timeout=120)
-    assert check.stdout.strip() == "user", check.stderr
+    check = subprocess.run(
+        [sys.executable, "-c", "import json, tvmgroup; print(json.dumps(tvmgroup.schedule_info('grad_input', 2, 8, 8)))"],
+        env=env_check, capture_output=True, text=True, timeout=120,
+    )
+    assert check.returncode == 0, check.stderr
+    info = json.loads(check.stdout.strip().splitlines()[-1])
+    # The log loads: lookup uses it, or keeps the default where the log says so (a log whose
+    # only records are the default and slower schedules).
+    assert Path(info["log"]) == path, info
+    assert info["origin"] == "user" or "within 2%" in info["note"], info
     again = tvmgroup_cli(home, *args)
     assert again.returncode == 0, again.stderr
     status = "already done" if recorded >= 4 else f"{4 - recorded} new"

@@ -176,6 +176,28 @@ def check_meta(log: TuningLog, spec: OpSpec) -> None:
         raise LogError(f"{log.path}: tuned rows {meta.get('rows')!r} do not match its directory (n{log.rows})")
 
 
+# A log serves only where its best schedule ran at least this much faster than the default
+# schedule measured in the same run (the first trial of every log): a smaller gain is within
+# a machine's run-to-run noise, and the default then serves (no first-use check to pay).
+MIN_GAIN_OVER_DEFAULT = 1.02
+
+
+def default_seconds(meta: dict) -> float | None:
+    """The default schedule's latency a log recorded (``default_seconds`` in its metadata),
+    or None where it has none or holds anything but a positive finite number."""
+    value = meta.get("default_seconds") if isinstance(meta, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
+
+
+def beats_default(log: TuningLog, best_seconds: float) -> bool:
+    """Whether ``log``'s best (``best_seconds``) beat its default by MIN_GAIN_OVER_DEFAULT;
+    True for a log that recorded no default (made before logs recorded it)."""
+    default = default_seconds(log.meta)
+    return default is None or best_seconds * MIN_GAIN_OVER_DEFAULT <= default
+
+
 def best_record(log: TuningLog, spec: OpSpec) -> BestRecord:
     """The fastest valid record of ``spec`` in ``log``; :class:`LogError` if there is none."""
     from tvm.s_tir.meta_schedule.database import TuningRecord, Workload

@@ -10,9 +10,13 @@ covers warns once per shape (:class:`UntunedShapeWarning`; ``TVMGROUP_QUIET=1`` 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import os
 import threading
 import warnings
+from typing import Iterator
 
 import tvm
 
@@ -20,7 +24,7 @@ from tvmgroup.check import check_kernel
 from tvmgroup.choice import ScheduleChoice, default_choice, simt_choice
 from tvmgroup.compute import OpSpec
 from tvmgroup.kernel import KERNELS, Kernel
-from tvmgroup.logs import LogError, TuningLog, find_logs
+from tvmgroup.logs import MIN_GAIN_OVER_DEFAULT, LogError, TuningLog, default_seconds, find_logs
 from tvmgroup.paths import shipped_logs_dir, user_logs_dir
 from tvmgroup.replay import choice_from_log
 from tvmgroup.target import family_for_device, family_of, target_for_device, target_json, target_key
@@ -87,6 +91,17 @@ def tune_command(spec: OpSpec, target: tvm.target.Target) -> str:
     return " ".join(words)
 
 
+def _default_by_log(spec: OpSpec, target: tvm.target.Target, log: TuningLog) -> ScheduleChoice:
+    """The default schedule, where a log's search found nothing faster (no warning: the
+    shape is tuned, and the default is what tuning chose)."""
+    default = default_seconds(log.meta)
+    note = (
+        f"{log.path}: the default ({default * 1e6:.1f} us at {log.rows} rows) was within "
+        f"{(MIN_GAIN_OVER_DEFAULT - 1) * 100:.0f}% of the best of {log.trials} trials"
+    )
+    return dataclasses.replace(default_choice(spec, target), log=str(log.path), tuned_rows=log.rows, note=note)
+
+
 def _resolve(spec: OpSpec, target: tvm.target.Target) -> ScheduleChoice:
     key = target_key(target)
     for origin, root in (("user", user_logs_dir()), ("shipped", shipped_logs_dir())):
@@ -99,6 +114,8 @@ def _resolve(spec: OpSpec, target: tvm.target.Target) -> ScheduleChoice:
                 _rejected.add(str(log.path))
                 _warn_once(f"bad:{log.path}", f"tvmgroup: skipping tuning log: {err}", TuningLogWarning)
                 continue
+            if choice is None:  # the log found nothing faster than the default
+                return _default_by_log(spec, target, log)
             if choice.fingerprint in _rejected:
                 continue
             if log.target_key != key:
@@ -142,16 +159,35 @@ def kernel_for_call(
     """
     family = family_for_device(device.type)
     serial = rows * weight.numel() < family.serial_below
-    key = (op, weight.shape, weight.dtype, layout, bias, device, serial, weight_layout)
+    defaults_only = _defaults_only.get()
+    key = (op, weight.shape, weight.dtype, layout, bias, device, serial, weight_layout, defaults_only)
     kernel = _for_call.get(key)
     if kernel is None:
         groups, in_features, out_features = weight_dims(weight.shape, weight_layout)
         dtype = str(weight.dtype).removeprefix("torch.")
         spec = OpSpec(op, groups, in_features, out_features, dtype, layout, bias, weight_layout)
-        kernel = kernel_for(spec, family.make_target(None), serial=serial)
+        target = family.make_target(None)
+        if defaults_only:
+            kernel = _default_kernel(spec, target, default_choice(spec, target), serial)
+        else:
+            kernel = kernel_for(spec, target, serial=serial)
         with _lock:
             _for_call[key] = kernel
     return kernel
+
+
+_defaults_only: contextvars.ContextVar[bool] = contextvars.ContextVar("tvmgroup_defaults_only", default=False)
+
+
+@contextlib.contextmanager
+def default_schedules() -> Iterator[None]:
+    """Calls inside run the default schedules, whatever tuning logs there are (to compare a
+    tuned layer with its default in one process: ``tvmgroup bench --compare-default``)."""
+    token = _defaults_only.set(True)
+    try:
+        yield
+    finally:
+        _defaults_only.reset(token)
 
 
 def kernel_for(spec: OpSpec, target: tvm.target.Target, *, serial: bool = False) -> Kernel:

@@ -26,7 +26,7 @@ from tvm import s_tir
 
 from tvmgroup.choice import ScheduleChoice
 from tvmgroup.compute import OpSpec, ir_module
-from tvmgroup.logs import LogError, TuningLog, best_record, read_records
+from tvmgroup.logs import LogError, TuningLog, beats_default, best_record, read_records
 from tvmgroup.schedules import ReplayKnobs, trace_decisions
 from tvmgroup.schedules.knobs import TraceRefused, check_trace, trace_samples
 from tvmgroup.target import family_of
@@ -56,11 +56,15 @@ def checked_traces(log: TuningLog, target_kind: str) -> dict[str, list]:
     return traces
 
 
-def choice_from_log(spec: OpSpec, target: tvm.target.Target, log: TuningLog, origin: str) -> ScheduleChoice:
-    """The best schedule in ``log``; :class:`LogError` if it is unusable or does not replay."""
+def choice_from_log(spec: OpSpec, target: tvm.target.Target, log: TuningLog, origin: str) -> ScheduleChoice | None:
+    """The best schedule in ``log``; None where it did not beat the default schedule measured
+    in the same run (:func:`~tvmgroup.logs.beats_default`); :class:`LogError` if it is
+    unusable or does not replay."""
     kind = target.kind.name
     traces = checked_traces(log, kind)
     best = best_record(log, spec)
+    if not beats_default(log, best.seconds):
+        return None
     raw = traces.get(best.digest)
     if raw is None:  # the file changed between the check and the parse (a tuning run appending)
         raise LogError(f"{log.path}: changed while it was read; its best record was not checked")

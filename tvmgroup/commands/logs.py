@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tvmgroup.paths import shipped_logs_dir, user_logs_dir
     from tvmgroup.target import parse_target, target_key
-    from tvmgroup.logs import find_logs, read_records, mean_secs
+    from tvmgroup.logs import default_seconds, find_logs, read_records, mean_secs
 
     key = None if args.all else target_key(parse_target(args.target))
     rows = []
@@ -24,12 +24,15 @@ def run(args: argparse.Namespace) -> int:
         for log in find_logs(root, target_key=key):
             best = min((mean_secs(r[1]) for _, r in read_records(log.path)), default=math.inf)
             best_text = f"{best * 1e6:.1f}" if math.isfinite(best) else "-"
-            rows.append((origin, log.target_key, log.spec_key, str(log.rows), log.space, str(log.trials), best_text, str(log.path)))
+            default = default_seconds(log.meta)
+            default_text = f"{default * 1e6:.1f}" if default is not None else "-"
+            rows.append((origin, log.target_key, log.spec_key, str(log.rows), log.space, str(log.trials), best_text,
+                         default_text, str(log.path)))
     scope = "all targets" if key is None else key
     if not rows:
         print(f"no tuning logs for {scope} (user: {user_logs_dir()}, shipped: {shipped_logs_dir()})")
         return 0
-    header = ("origin", "target", "spec", "rows", "space", "trials", "best_us", "path")
+    header = ("origin", "target", "spec", "rows", "space", "trials", "best_us", "default_us", "path")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     print(f"tuning logs for {scope}:")
     for row in [header] + rows:

@@ -144,11 +144,19 @@ def _check_dtype(family, dtype: str) -> None:
 
 
 def _print_result(spec, result) -> None:
+    from tvmgroup.logs import MIN_GAIN_OVER_DEFAULT
+
     best = f"{result.best_seconds * 1e6:.1f} us" if math.isfinite(result.best_seconds) else "none"
     status = "already done" if result.trials_after == result.trials_before else f"{result.trials_after - result.trials_before} new"
     if result.exhausted:
         status += "; every distinct schedule of the space is measured"
-    print(f"{spec.key}: {result.trials_after} trials ({status}), best {best}, log {result.path}", flush=True)
+    versus = ""
+    if result.default_seconds is not None and math.isfinite(result.best_seconds):
+        gain = result.default_seconds / result.best_seconds
+        used = "lookup uses the log" if result.beats_default else (
+            f"lookup keeps the default: under {(MIN_GAIN_OVER_DEFAULT - 1) * 100:.0f}% faster")
+        versus = f" against the default's {result.default_seconds * 1e6:.1f} us ({gain:.2f}x; {used})"
+    print(f"{spec.key}: {result.trials_after} trials ({status}), best {best}{versus}, log {result.path}", flush=True)
 
 
 def _run_model(args: argparse.Namespace) -> int:

@@ -35,7 +35,8 @@ from tvmgroup.compute import OpSpec, ir_module
 from tvmgroup.schedules import DefaultTraceKnobs
 from tvmgroup.target import family_of, target_key
 from tvmgroup.logs import (
-    FORMAT, RECORDS, WORKLOADS, count_records, log_dir, mean_secs, prune, read_meta, read_records, write_meta,
+    FORMAT, MIN_GAIN_OVER_DEFAULT, RECORDS, WORKLOADS, count_records, default_seconds, log_dir, mean_secs, prune,
+    read_meta, read_records, write_meta,
 )
 from tvmgroup.paths import home
 from tvmgroup.tuning.search import SkipMeasured
@@ -86,6 +87,12 @@ class TuneResult:
     trials_after: int
     best_seconds: float
     exhausted: bool = False  # the search space holds fewer distinct schedules than asked for
+    default_seconds: float | None = None  # the default schedule, measured in the same run
+
+    @property
+    def beats_default(self) -> bool:
+        """Whether run-time lookup will use this log (its best beat the default)."""
+        return self.default_seconds is None or self.best_seconds * MIN_GAIN_OVER_DEFAULT <= self.default_seconds
 
 
 def _best_seconds(path: Path) -> float:
@@ -176,10 +183,10 @@ def _exit_on_interrupt(req: TuneRequest, path: Path, bar: tqdm) -> Callable[[], 
     return lambda: signal.signal(signal.SIGINT, previous)
 
 
-def _measure_default(req: TuneRequest, database, builder, runner) -> int:
+def _measure_default(req: TuneRequest, database, builder, runner) -> float | None:
     """Measures the default schedule as MetaSchedule measures candidates and records it.
 
-    Returns the number of records added (0 if it failed to build or run: the search then
+    Returns its mean latency in seconds (None if it failed to build or run: the search then
     goes on without it).
     """
     mod = ir_module(req.spec, req.rows)
@@ -190,7 +197,7 @@ def _measure_default(req: TuneRequest, database, builder, runner) -> int:
     (built,) = builder.build([ms.builder.BuilderInput(sch.mod, req.target)])
     if built.error_msg:
         log.warning("the default schedule of %s failed to build: %s", req.spec.key, built.error_msg)
-        return 0
+        return None
     try:
         (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, family.device_type, args_info)])
         result = future.result()
@@ -198,12 +205,12 @@ def _measure_default(req: TuneRequest, database, builder, runner) -> int:
         shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
     if result.error_msg or not result.run_secs:
         log.warning("the default schedule of %s failed to run: %s", req.spec.key, result.error_msg)
-        return 0
+        return None
     workload = database.commit_workload(mod)
     database.commit_tuning_record(
         ms.database.TuningRecord(sch.trace, workload, run_secs=result.run_secs, target=req.target, args_info=args_info)
     )
-    return 1
+    return mean_secs(result.run_secs)
 
 
 def _log_lock(path: Path) -> FileLock:
@@ -289,8 +296,12 @@ def _tune_locked(req: TuneRequest, path: Path, progress: bool, shared_bar: tqdm 
     done = before = max(int(old.get("trials", 0) or 0), count_records(path))
     remaining = req.trials - done
     if remaining <= 0 or (old.get("exhausted") and old.get("space") == req.space):
-        return TuneResult(path, done, done, _best_seconds(path), exhausted=bool(old.get("exhausted")))
+        return TuneResult(
+            path, done, done, _best_seconds(path), exhausted=bool(old.get("exhausted")), default_seconds=default_seconds(old)
+        )
     meta = log_meta(req, done)
+    if default_seconds(old) is not None:  # a resumed log keeps its default's measurement
+        meta["default_seconds"] = default_seconds(old)
     write_meta(path, meta)
     database = ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS), allow_missing=True)
     # CPU targets: the cores the kernel runs on (builds and search share them with the
@@ -314,10 +325,13 @@ def _tune_locked(req: TuneRequest, path: Path, progress: bool, shared_bar: tqdm 
         if req.space == "template" and done == 0:
             # The default schedule is the search's first trial: the log's best is never slower
             # than the default (up to noise), and the search evolves from it.
-            added = _measure_default(req, database, builder, runner)
+            seconds = _measure_default(req, database, builder, runner)
+            added = int(seconds is not None)
             done += added
             bar.update(added)
             meta["trials"] = done
+            if seconds is not None:
+                meta["default_seconds"] = seconds  # lookup uses the log only where it beat this
             write_meta(path, meta)
             remaining = req.trials - done
         if remaining > 0:
@@ -368,5 +382,7 @@ def _finish(req: TuneRequest, path: Path, before: int) -> TuneResult:
         # The search returned early: it found no candidate it had not measured already.
         meta["exhausted"] = True
         write_meta(path, meta)
-    return TuneResult(path, before, after, _best_seconds(path), exhausted=after < req.trials)
+    return TuneResult(
+        path, before, after, _best_seconds(path), exhausted=after < req.trials, default_seconds=default_seconds(meta)
+    )
 
