@@ -44,6 +44,22 @@ def test_target_for_device():
         target_for_device("meta")
 
 
+def test_each_cuda_device_gets_its_own_arch(monkeypatch):
+    """A machine may mix GPU generations: the target follows the tensor's device."""
+    from tvmgroup import target as target_mod
+
+    capabilities = {0: (9, 0), 1: (8, 6)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capabilities[index])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    target_mod._cuda_arch_of.cache_clear()
+    try:
+        assert target_key(target_for_device("cuda:0")) == "cuda-sm_90"
+        assert target_key(target_for_device(torch.device("cuda", 1))) == "cuda-sm_86"
+        assert target_key(target_for_device("cuda")) == "cuda-sm_86"  # the current device
+    finally:
+        target_mod._cuda_arch_of.cache_clear()
+
+
 def test_parse_target_words():
     assert parse_target("llvm") is cpu_target() and parse_target(" cpu ") is cpu_target()
     assert str(parse_target("cuda:sm_86").attrs["arch"]) == "sm_86"

@@ -166,7 +166,7 @@ def kernel_for_call(
         groups, in_features, out_features = weight_dims(weight.shape, weight_layout)
         dtype = str(weight.dtype).removeprefix("torch.")
         spec = OpSpec(op, groups, in_features, out_features, dtype, layout, bias, weight_layout)
-        target = family.make_target(None)
+        target = target_for_device(device)
         if defaults_only:
             kernel = _default_kernel(spec, target, default_choice(spec, target), serial)
         else:

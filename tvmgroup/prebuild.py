@@ -18,7 +18,7 @@ import torch
 from tvmgroup.compute import OpSpec
 from tvmgroup.discovery import OpShape, find_layers, op_shapes
 from tvmgroup.lookup import kernel_for
-from tvmgroup.target import family_for_device
+from tvmgroup.target import family_for_device, target_for_device
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def prebuild_shapes(shapes: list[OpShape], on_done: Callable[[Built], None] | No
     done = []
     for spec, device, serial in kernels_needed(shapes):
         start = time.perf_counter()
-        kernel = kernel_for(spec, family_for_device(device).make_target(None), serial=serial)
+        kernel = kernel_for(spec, target_for_device(device), serial=serial)
         built = Built(spec, device, serial, kernel.choice.origin, time.perf_counter() - start)
         done.append(built)
         if on_done is not None:

@@ -79,6 +79,18 @@ def _cpu_log_class(key: str) -> int | None:
     return cpu_vector_bits(key.removeprefix("llvm-")) if key.startswith("llvm-") else None
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_arch_of(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+def _cuda_target_of(device: torch.device) -> tvm.target.Target:
+    """The CUDA target of the GPU ``device`` is (machines may mix GPU generations)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return cuda_target(_cuda_arch_of(index))
+
+
 def _cpu_target_for(variant: str | None) -> tvm.target.Target:
     if variant:
         raise ValueError(f"the CPU target takes no variant, got {variant!r}; say 'llvm' or 'cpu'")
@@ -127,6 +139,9 @@ class TargetFamily:
     # Called with the path of each kernel library loaded from the disk cache (CPU: its
     # parallel loops go to torch's OpenMP threads, see tvmgroup.parallel).
     on_load: Callable[[Path], object] | None = None
+    # The target of one device of the family, where devices of a machine may differ (CUDA:
+    # each GPU's arch); None: ``make_target(None)`` serves every device.
+    device_target: Callable[[torch.device], tvm.target.Target] | None = None
 
     def key(self, target: tvm.target.Target) -> str:
         return f"{self.kind}-{target.attrs.get(self.key_attr, 'generic')}"
@@ -162,7 +177,7 @@ FAMILIES: dict[str, TargetFamily] = {
     ),
     "cuda": TargetFamily(
         "cuda", ("cuda",), "cuda", (torch.float32, torch.float16, torch.bfloat16), cuda_target, "arch",
-        row_multiple=TENSOR_CORE_ROWS, logs_cross_targets=False, launch=_cuda_stream,
+        row_multiple=TENSOR_CORE_ROWS, logs_cross_targets=False, launch=_cuda_stream, device_target=_cuda_target_of,
         postprocs=("VerifyGPUCode",),
         # Tensor-core kernels: their code path (wmma, padding) has no CPU counterpart to test.
         checked_default_dtypes=TENSOR_CORE_DTYPES,
@@ -187,7 +202,12 @@ def family_for_device(device_type: str) -> TargetFamily:
 
 
 def target_for_device(device: torch.device | str) -> tvm.target.Target:
-    return family_for_device(torch.device(device).type).make_target(None)
+    """The target tvmgroup compiles for to run on ``device`` (a CUDA device's own arch)."""
+    device = torch.device(device)
+    family = family_for_device(device.type)
+    if family.device_target is not None:
+        return family.device_target(device)
+    return family.make_target(None)
 
 
 def parse_target(spec: str | dict | tvm.target.Target) -> tvm.target.Target:

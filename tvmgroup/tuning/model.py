@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from tvmgroup.discovery import OpShape, find_layers, op_shapes
 from tvmgroup.paths import user_logs_dir
-from tvmgroup.target import family_for_device, family_of
+from tvmgroup.target import family_of, target_for_device
 from tvmgroup.tuning.tune import TuneRequest, TuneResult, tune_op, tuning_rows
 
 
@@ -36,7 +36,7 @@ def plan(shapes: list[OpShape], target: tvm.target.Target | None, trials: int, r
     target on this machine. Shapes in a dtype the target does not run are left out."""
     requests: list[tuple[OpShape, TuneRequest]] = []
     for shape in shapes:
-        tgt = target if target is not None else family_for_device(shape.device).make_target(None)
+        tgt = target if target is not None else target_for_device(shape.device)
         family = family_of(tgt)
         if shape.spec.dtype not in {str(d).removeprefix("torch.") for d in family.dtypes}:
             continue
