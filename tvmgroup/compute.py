@@ -139,7 +139,7 @@ def _with_layout_strides(func: tirx.PrimFunc, spec: OpSpec, layout: Layout) -> t
     for param, arg in zip(func.params, spec.op_def.arg_list(spec.bias)):
         if arg.role != "rows":
             continue
-        strides = layout.buffer_strides(arg.name, list(param.ty.shape))
+        strides = layout.buffer_strides(arg.name, list(param.ty.shape), output=arg.output)
         if strides is not None:
             replace[param] = tirx.decl_buffer(param.ty.shape, param.ty.dtype, param.name, strides=strides)
     if not replace:

@@ -51,8 +51,9 @@ class Layout:
         """Splits a kernel-layout index into (row axes, group, feature)."""
         raise NotImplementedError
 
-    def buffer_strides(self, name: str, shape: Sequence) -> list | None:
-        """The strides of row-indexed kernel buffer ``name`` of ``shape``; None: compact."""
+    def buffer_strides(self, name: str, shape: Sequence, output: bool = False) -> list | None:
+        """The strides of row-indexed kernel buffer ``name`` of ``shape`` (an ``output`` of
+        the op, or an input); None: compact."""
         return None
 
     # -- torch side ------------------------------------------------------------------------------
@@ -216,8 +217,13 @@ class EnsembleFirst(Layout):
     def split(self, idx):
         return (idx[1],), idx[0], idx[2]
 
-    def buffer_strides(self, name, shape):
-        return [tirx.Var(f"{name}_stride_g", "int32"), tirx.Var(f"{name}_stride_n", "int32"), 1]
+    def buffer_strides(self, name, shape, output=False):
+        # Outputs are tvmgroup's own compact tensors, or row slices of them: their rows are
+        # ``features`` apart. A constant row stride lets the compiler see that the rows of a
+        # register tile never overlap (a symbolic one might be 0), so it keeps their sums in
+        # registers.
+        row_stride = shape[2] if output else tirx.Var(f"{name}_stride_n", "int32")
+        return [tirx.Var(f"{name}_stride_g", "int32"), row_stride, 1]
 
     def check_input(self, x, groups, in_features):
         if x.dim() < 2:
