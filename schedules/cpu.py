@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -42,6 +44,24 @@ VECTOR_ALIGN = 16  # static vector loops are partitioned into a multiple of this
 PANEL_LANES = 16
 PANEL_VECTORS = 4  # at most this many panels per register tile
 PANEL_MIN = 128
+
+
+# Sums over rows ("last", "ensemble"): the parallel loop runs over this many blocks of the
+# output's tiles (about one per core), each of which walks every chunk of rows over its
+# tiles. One parallel region per call: a region per row chunk (N/16 of them) made each call
+# wait at N/16 barriers, and one preempted thread stalled them all (10-20x slower under load).
+PARALLEL_BLOCKS = os.cpu_count() or 1
+
+
+def _blocks(extent: int, threads: int = PARALLEL_BLOCKS) -> int:
+    """How many blocks ``extent`` tiles are split into (a divisor of it): the one that keeps
+    ``threads`` threads busiest, fewest blocks first (each block rereads the rows)."""
+    if extent <= threads:
+        return extent
+    candidates = [d for d in range(threads, min(extent, 8 * threads) + 1) if extent % d == 0]
+    if not candidates:
+        return extent
+    return min(candidates, key=lambda d: (math.ceil(d / threads) * threads / d, d))
 
 
 # Set while building a kernel for small calls: the outer loops stay serial, since waking TVM's
@@ -263,14 +283,19 @@ def _schedule_weight_grad(sch, nests: list[_Nest], rows_innermost: bool, knobs: 
             k0, k1 = sch.add_unit_loop(nest.vec), nest.vec
         o0, o1 = _split_static(sch, nest.row, knobs, 8, o_default)
         if not rows_innermost:
-            # A chunk of rows, contiguous in memory for all groups, is read once by every
-            # (group, o, k) tile before the next chunk: rows are the outermost loop.
+            # Each parallel block of (group, o, k) tiles reads a chunk of rows once for all
+            # its tiles before the next chunk: the chunk loop sits between the blocks and
+            # their tiles.
             n0, n1 = sch.split(nest.reduce[0], [None, chunk], disable_predication=True)
-            sch.reorder(n0, g, o0, k0, n1, o1, k1)
+            sch.reorder(g, o0, k0, n0, n1, o1, k1)
+            tiles = sch.fuse(g, o0, k0)
+            blocks, in_block = sch.split(tiles, [_blocks(_extent(sch, tiles)), None])
+            sch.reorder(blocks, n0, in_block, n1)
             nest.reduce = [n0, n1]
+            _parallel(sch, blocks)
         else:
             sch.reorder(g, o0, k0, *nest.reduce, o1, k1)
-        _parallel(sch, sch.fuse(g, o0, k0))
+            _parallel(sch, sch.fuse(g, o0, k0))
         _finish_micro_kernel(sch, nest, o1, k1, None)
     return chunk
 
@@ -324,11 +349,17 @@ def _schedule_column_sum(sch: s_tir.Schedule, name: str, chunk: int) -> None:
     extent = _extent(sch, o)
     o0, o1 = sch.split(o, [None, max(d for d in (1, 2, 4, 8, 16, 32, 64) if extent % d == 0)])
     if not isinstance(chunk, int) or chunk > 1:  # a sampled chunk (tuning) is always > 1
+        # Blocks of (group, o) columns in parallel, each walking the row chunks (see
+        # PARALLEL_BLOCKS).
         n0, n1 = sch.split(reduce[0], [None, chunk], disable_predication=True)
-        sch.reorder(n0, g, n1, o0, o1)
+        sch.reorder(g, o0, n0, n1, o1)
+        columns = sch.fuse(g, o0)
+        blocks, in_block = sch.split(columns, [_blocks(_extent(sch, columns)), None])
+        sch.reorder(blocks, n0, in_block, n1)
         reduce = [n0, n1]
+        _parallel(sch, blocks)
     else:
         sch.reorder(g, *reduce, o0, o1)
-    _parallel(sch, g)
+        _parallel(sch, g)
     sch.vectorize(o1)
     sch.decompose_reduction(block, reduce[0])
