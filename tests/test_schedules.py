@@ -235,3 +235,30 @@ def test_cuda_autocast_and_current_stream(ref):
     assert y.dtype == torch.bfloat16
     want = ref(x.cpu(), layer.weight.cpu(), layer.bias.cpu(), "last")
     assert torch.allclose(y.double().cpu(), want, rtol=2**-6, atol=2**-6 * K)
+
+
+def test_parallel_blocks_divide_the_tiles_and_keep_the_threads_busy():
+    from tvmgroup.schedules.cpu import _blocks
+
+    assert _blocks(600, 2) == 2 and _blocks(1, 2) == 1 and _blocks(3, 4) == 3
+    assert _blocks(375, 2) == 15  # odd: 15 blocks keep two threads within 7% of each other
+    assert _blocks(7, 2) == 7  # a prime: every tile its own block
+    for extent in (96, 100, 375, 600, 4096):
+        for threads in (1, 2, 3, 8, 16):
+            blocks = _blocks(extent, threads)
+            assert extent % blocks == 0 and blocks >= min(extent, threads)
+
+
+@pytest.mark.parametrize("layout", ["last", "ensemble"])
+def test_grad_weight_runs_one_parallel_region_over_the_row_chunks(layout):
+    """The parallel loop is outermost and the (symbolic) row chunks run inside it: a region
+    per chunk would wait at N/16 barriers per call."""
+    from tvmgroup.schedules.cpu import schedule_cpu
+
+    sch = s_tir.Schedule(ir_module(OpSpec("grad_weight", 4, 64, 64, layout=layout)))
+    schedule_cpu(sch, "grad_weight", layout, True, DefaultKnobs())
+    for name in ("grad_weight", "grad_bias"):
+        loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock(name + "_update"))]
+        assert loops[0].kind == tvm.tirx.ForKind.PARALLEL, name
+        assert not any(loop.kind == tvm.tirx.ForKind.PARALLEL for loop in loops[1:]), name
+        assert not isinstance(loops[1].extent, tvm.tirx.IntImm), name  # the row chunks
