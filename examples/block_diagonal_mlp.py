@@ -18,13 +18,13 @@ time a forward and backward pass of each.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from torch import nn
 
 from tvmgroup import GroupedLinear
+
+from example_timing import forward_backward_seconds  # examples/example_timing.py, beside this script
 
 
 class PackedMLP(nn.Module):
@@ -96,17 +96,6 @@ def classification_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor)
 # timing (run by hand with --time; tests only check that it runs)
 
 
-def _median_seconds(step, calls: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def time_forward_backward(
     batch: int = 512, in_features: int = 64, hidden: int = 256, classes: int = 10, blocks: int = 4,
     calls: int = 20, warmup: int = 3,
@@ -116,12 +105,7 @@ def time_forward_backward(
     original = PackedMLP(in_features, hidden, classes, blocks)
     models = {"original": original, "tvmgroup": GroupedMLP.from_original(original)}
     x, labels = torch.randn(batch, in_features), torch.randint(classes, (batch,))
-
-    def step(model):
-        model.zero_grad(set_to_none=True)
-        classification_loss(model, x, labels).backward()
-
-    return {name: _median_seconds(lambda: step(model), calls, warmup) for name, model in models.items()}
+    return forward_backward_seconds(models, lambda model: classification_loss(model, x, labels), calls, warmup)
 
 
 def main() -> None:

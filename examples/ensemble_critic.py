@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 
 import torch
 from torch import nn
 
 from tvmgroup import GroupedLinear
+
+from example_timing import forward_backward_seconds  # examples/example_timing.py, beside this script
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,17 +152,6 @@ def critic_loss(critic, state, action, target_q, eta: float = 1.0) -> torch.Tens
 # timing (run by hand with --time; tests only check that it runs)
 
 
-def _median_seconds(step, calls: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def time_forward_backward(
     members: int = 10, hidden: int = 256, batch: int = 256, state_dim: int = 17, action_dim: int = 6,
     calls: int = 20, warmup: int = 3,
@@ -172,12 +161,7 @@ def time_forward_backward(
     original = VectorizedCritic(state_dim, action_dim, hidden, members)
     models = {"original": original, "tvmgroup": GroupedCritic.from_original(original)}
     state, action, target = torch.randn(batch, state_dim), torch.randn(batch, action_dim), torch.randn(batch)
-
-    def step(model):
-        model.zero_grad(set_to_none=True)
-        critic_loss(model, state, action, target).backward()
-
-    return {name: _median_seconds(lambda: step(model), calls, warmup) for name, model in models.items()}
+    return forward_backward_seconds(models, lambda model: critic_loss(model, state, action, target), calls, warmup)
 
 
 def main() -> None:

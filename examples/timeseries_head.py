@@ -15,13 +15,13 @@ pred_len)``. Run ``python examples/timeseries_head.py`` to compare the two on ra
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from torch import nn
 
 from tvmgroup import GroupedLinear
+
+from example_timing import forward_backward_seconds  # examples/example_timing.py, beside this script
 
 
 class MovingAverage(nn.Module):
@@ -107,17 +107,6 @@ def forecast_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> to
 # timing (run by hand with --time; tests only check that it runs)
 
 
-def _median_seconds(step, calls: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def time_forward_backward(
     batch: int = 32, seq_len: int = 336, pred_len: int = 96, channels: int = 21, calls: int = 20, warmup: int = 3
 ) -> dict[str, float]:
@@ -126,12 +115,7 @@ def time_forward_backward(
     original = DLinear(seq_len, pred_len, channels)
     models = {"original": original, "tvmgroup": GroupedDLinear.from_original(original)}
     x, target = torch.randn(batch, seq_len, channels), torch.randn(batch, pred_len, channels)
-
-    def step(model):
-        model.zero_grad(set_to_none=True)
-        forecast_loss(model, x, target).backward()
-
-    return {name: _median_seconds(lambda: step(model), calls, warmup) for name, model in models.items()}
+    return forward_backward_seconds(models, lambda model: forecast_loss(model, x, target), calls, warmup)
 
 
 def main() -> None:

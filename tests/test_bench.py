@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tvmgroup.bench import formulations as registry
+from tvmgroup.bench.inputs import INPUT_LAYOUTS
 from tvmgroup.bench.runner import TOLERANCE, Settings, make_buffers, run_shape, shared_parameters
 from tvmgroup.bench.shapes import DEFAULT_SHAPES, Shape, parse_shape
 from tvmgroup.bench.timing import CpuTimer, Timing, time_calls
@@ -24,7 +25,8 @@ def test_formulation_matches_float64_reference(name):
     if "cpu" not in formulation.devices:
         pytest.skip(f"{name} runs on {formulation.devices} only (tests/test_bench_device.py checks its math)")
     weight, bias = shared_parameters(SMALL, seed=0)
-    (x, grad_y), = make_buffers(SMALL, 1, seed=0)
+    (x, grad_y), = make_buffers(SMALL, 1, seed=0, layout=formulation.layout)
+    assert x.shape == INPUT_LAYOUTS[formulation.layout].x_shape(SMALL)
     try:
         inst = formulation.build(weight, bias)
         got = registry.run_once(inst, formulation.layout, x, grad_y)
@@ -36,7 +38,7 @@ def test_formulation_matches_float64_reference(name):
     assert got["grad_x"].shape == x.shape
     assert got["grad_weight"].shape == weight.shape
     assert got["grad_bias"].shape == bias.shape
-    errors = registry.relative_errors(got, registry.reference(x, weight, bias, grad_y))
+    errors = registry.relative_errors(got, registry.reference(x, weight, bias, grad_y, formulation.layout))
     assert set(errors) == {"y", "y_autograd", "grad_x", "grad_weight", "grad_bias"}
     assert all(e <= TOLERANCE for e in errors.values()), errors
 
@@ -159,3 +161,96 @@ def test_conv_layout_run_times_conv_formulations(tmp_path, capsys):
 def test_default_selection_follows_layout():
     assert [f.name for f in registry.select(None)] == list(registry.BY_LAYOUT["last"])
     assert {f.layout for f in registry.select(None, "conv")} == {"conv"}
+
+
+# -- the ensemble and shared layouts ------------------------------------------------------------
+
+
+def test_every_layout_has_its_run_and_one_tvmgroup_formulation():
+    assert set(registry.BY_LAYOUT) == set(INPUT_LAYOUTS)
+    assert {f.layout for f in registry.FORMULATIONS.values()} <= set(INPUT_LAYOUTS)
+    for layout, names in registry.BY_LAYOUT.items():
+        assert all(n in registry.FORMULATIONS for n in names), layout
+        assert sum(registry.FORMULATIONS[n].is_tvmgroup for n in names) == 1, layout
+
+
+@pytest.mark.parametrize("layout", ["ensemble", "shared"])
+def test_layout_reference_is_the_plain_float64_layer(layout):
+    """The reference through the rows form equals the layer written directly on the layout's
+    tensors (y[g] = x[g] @ W[g]^T + b[g]; a shared x is read by every g)."""
+    weight, bias = shared_parameters(SMALL, seed=0)
+    (x, grad_y), = make_buffers(SMALL, 1, seed=0, layout=layout)
+    ref = registry.reference(x, weight, bias, grad_y, layout)
+    x64 = x.double().requires_grad_(True)
+    w64, b64 = weight.double().requires_grad_(True), bias.double().requires_grad_(True)
+    xg = x64 if layout == "ensemble" else x64.expand(SMALL.groups, *x64.shape)
+    y = torch.einsum("gnk,gok->gno", xg, w64) + b64[:, None, :]
+    y.backward(grad_y.double())
+    assert ref["grad_x"].shape == x.shape
+    torch.testing.assert_close(ref["y"], y.detach().transpose(0, 1).reshape(SMALL.n, -1))
+    torch.testing.assert_close(ref["grad_x"], x64.grad)
+    torch.testing.assert_close(ref["grad_weight"], w64.grad)
+    torch.testing.assert_close(ref["grad_bias"], b64.grad)
+
+
+def test_shared_input_gradient_of_one_member_is_wrong(monkeypatch):
+    """A shared-input formulation whose grad_x misses the sum over the members is caught."""
+    class OneMember(registry.MatmulShared):
+        def __call__(self, x):
+            groups = self.weight.shape[0]
+            scaled = x / groups + (x - x / groups).detach()  # the value of x, 1/G of its gradient
+            return super().__call__(scaled)
+
+    broken = registry.Formulation("one-member", "grad_x / G", OneMember, layout="shared")
+    monkeypatch.setattr("tvmgroup.bench.runner.time_formulation", lambda *a, **k: pytest.fail("timed"))
+    result = run_shape(SMALL, [broken], Settings(warmup=0, repeats=1, buffers=1), layout="shared").results[0]
+    assert result.status == "wrong" and "grad_x" in result.message
+    assert "grad_weight" not in result.message and "y=" not in result.message
+
+
+def test_ensemble_gradient_in_the_stored_convention_is_wrong():
+    """Gradients are compared as (G, O, K): one reported as stored, (G, K, O), does not pass."""
+    class AsStored(registry.BaddbmmEnsemble):
+        def grads(self):
+            return self.weight.grad, self.bias.grad.squeeze(1)
+
+    square = Shape(16, 3, 6, 6)  # the shapes agree, the values do not
+    result = run_shape(square, [registry.Formulation("as-stored", "(G, K, O) grad", AsStored, layout="ensemble")],
+                       Settings(warmup=0, repeats=1, buffers=1), layout="ensemble").results[0]
+    assert result.status == "wrong" and "grad_weight" in result.message
+
+
+@pytest.mark.parametrize("layout, x_dims", [("ensemble", "(G, N, K)"), ("shared", "(N, K)")])
+def test_layout_run_times_its_formulations_and_names_the_layout(layout, x_dims, tmp_path, capsys):
+    code = main(["bench", "--layout", layout, "--shape", "40,3,8,12", "--repeats", "2", "--warmup", "0",
+                 "--output", str(tmp_path), "--no-chart"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert f"layout {layout}: x {x_dims} -> y (G, N, O)" in table
+    assert f"Layout {layout}: x {x_dims} -> y (G, N, O)." in (tmp_path / "bench.md").read_text()
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["options"]["layout"] == layout
+    (shape,) = data["shapes"]
+    assert shape["layout"] == layout
+    assert [r["name"] for r in shape["results"]] == list(registry.BY_LAYOUT[layout])
+    for r in shape["results"]:
+        assert r["status"] == "ok", r
+        assert max(r["relative_errors"].values()) <= TOLERANCE
+        assert set(r["relative_errors"]) == {"y", "y_autograd", "grad_x", "grad_weight", "grad_bias"}
+        assert len(r["forward_backward"]["samples_ms"]) == 2
+    ours = next(r for r in shape["results"] if r["is_tvmgroup"])
+    assert ours["name"] == f"tvmgroup-{layout}" and ours["message"].startswith("schedules:")
+    assert shape["tvmgroup_speedup"]["forward_backward"]["best_pytorch"] in registry.BY_LAYOUT[layout]
+    # The memory floor counts the input the layout reads: N*K for one shared input, N*G*K otherwise.
+    x_elements = 40 * 8 if layout == "shared" else 40 * 3 * 8
+    assert shape["bytes"]["forward"] == Shape(40, 3, 8, 12).bytes_moved(False, 4, x_elements)
+
+
+def test_named_formulations_must_belong_to_the_layout_run(tmp_path, capsys):
+    assert main(["bench", "--shape", "8,2,3,4", "--formulations", "bmm,tvmgroup-shared",
+                 "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "tvmgroup-shared (--layout shared)" in err and "--layout last" in err
+    assert [f.name for f in registry.select("einsum-shared,tvmgroup-shared", "shared")] == \
+        ["einsum-shared", "tvmgroup-shared"]
+    assert [f.name for f in registry.select("autotune-bmm,bmm", "last")] == ["bmm", "autotune-bmm"]

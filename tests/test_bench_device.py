@@ -97,7 +97,8 @@ def test_tolerance_per_dtype():
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("name", ["linear-loop", "conv1d", "bmm", "einsum", "vmap", "block-diag", "grouped-mm",
-                                  "matmul-conv"])
+                                  "matmul-conv", "baddbmm-ensemble", "bmm-ensemble", "einsum-ensemble",
+                                  "matmul-shared", "baddbmm-shared", "einsum-shared"])
 def test_half_type_formulations_pass_the_tolerance(name, dtype):
     """The bound holds for PyTorch's own half-type kernels at a K and N where sums are long."""
     if name == "grouped-mm" and not hasattr(torch.nn.functional, "grouped_mm"):
@@ -105,11 +106,11 @@ def test_half_type_formulations_pass_the_tolerance(name, dtype):
     shape = Shape(512, 3, 256, 64)
     formulation = registry.FORMULATIONS[name]
     weight, bias = shared_parameters(shape, 0, "cpu", dtype)
-    (x, grad_y), = make_buffers(shape, 1, 0, "cpu", dtype)
+    (x, grad_y), = make_buffers(shape, 1, 0, "cpu", dtype, formulation.layout)
     assert weight.dtype == x.dtype == grad_y.dtype == dtype
     got = registry.run_once(formulation.build(weight, bias), formulation.layout, x, grad_y)
     assert got["y"].dtype == dtype and got["grad_weight"].dtype == dtype
-    errors = registry.relative_errors(got, registry.reference(x, weight, bias, grad_y))
+    errors = registry.relative_errors(got, registry.reference(x, weight, bias, grad_y, formulation.layout))
     assert all(e <= tolerance_for(dtype) for e in errors.values()), errors
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,15 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _load(name: str) -> ModuleType:
+    """The example as ``python examples/<name>.py`` runs it: its directory first on sys.path
+    (where it finds ``example_timing``) while it is imported."""
     spec = importlib.util.spec_from_file_location(f"tvmgroup_examples_{name}", EXAMPLES_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(EXAMPLES_DIR))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES_DIR))
     return module
 
 
@@ -162,3 +169,23 @@ def test_runs_as_a_script(name, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [f"{name}.py"])
     _load(name).main()
     assert capsys.readouterr().out.strip()
+
+
+def test_timing_helper_counts_warmup_and_timed_calls():
+    sys.path.insert(0, str(EXAMPLES_DIR))
+    try:
+        import example_timing
+    finally:
+        sys.path.remove(str(EXAMPLES_DIR))
+    calls = []
+    assert example_timing.median_seconds(lambda: calls.append(1), calls=5, warmup=2) >= 0
+    assert len(calls) == 7
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_runs_as_a_script_from_the_repository_root(name):
+    root = EXAMPLES_DIR.parent
+    done = subprocess.run([sys.executable, f"examples/{name}.py"], cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()

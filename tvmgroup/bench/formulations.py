@@ -2,16 +2,20 @@
 
 Every formulation is built from the same ``weight`` ``(G, O, K)`` and ``bias`` ``(G, O)``, so all
 compute the same ``y[n, g, :] = x[n, g, :] @ weight[g].T + bias[g]``. Each owns leaf copies of
-its parameters (so gradients land on them) and reports its gradients in the common
+its parameters, stored as its own code would keep them (an ensemble's ``(G, K, O)`` weight and
+``(G, 1, O)`` bias), so gradients land on them, and reports its gradients in the common
 ``(G, O, K)`` / ``(G, O)`` form for the correctness check.
 
 Every formulation builds on the device and in the dtype of the ``weight`` it is given
 (``tvmgroup bench --device/--dtype``); :attr:`Formulation.devices` says where it runs at all.
 
-Inputs come in one of two layouts (``tvmgroup bench --layout`` picks the set of
-formulations, :data:`BY_LAYOUT`): ``"last"``, ``x`` is ``(N, G*K)`` and ``y`` is ``(N, G*O)``
-(features last, as for ``nn.Linear``); ``"conv"``, ``x`` is ``(1, G*K, N)`` and ``y`` is
-``(1, G*O, N)`` (channels first, the natural ``nn.Conv1d`` layout: N is its length axis).
+Each formulation takes its input in one layout of :data:`tvmgroup.bench.inputs.INPUT_LAYOUTS`
+(``Formulation.layout``): ``"last"``, ``x`` is ``(N, G*K)`` and ``y`` is ``(N, G*O)`` (features
+last, as for ``nn.Linear``); ``"conv"``, ``(1, G*K, N)`` -> ``(1, G*O, N)`` (channels first, the
+natural ``nn.Conv1d`` layout: N is its length axis); ``"ensemble"``, ``(G, N, K)`` ->
+``(G, N, O)`` (an ensemble's members first); ``"shared"``, ``(N, K)`` -> ``(G, N, O)`` (one
+input read by every member). ``tvmgroup bench --layout`` picks the set of formulations
+(:data:`BY_LAYOUT`).
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tvmgroup.bench.inputs import input_layout
 from tvmgroup.bench.shapes import Shape
-from tvmgroup.layouts import LAYOUTS
+from tvmgroup.layouts import LAYOUTS, SHARED_INPUT, SHARED_INPUT_KERNELS
 from tvmgroup.opdefs import reference_pass
+from tvmgroup.weights import as_out_in
 
 # The dense block-diagonal weight has (G*O) * (G*K) elements; past this it is not built.
 MAX_DENSE_ELEMENTS = 1 << 26
@@ -211,19 +217,31 @@ class BlockDiag(Combined):
 
 
 class TvmGroup(Instance):
-    """``tvmgroup.GroupedLinear(layout="last")``; its first call of a shape compiles kernels."""
+    """``tvmgroup.GroupedLinear(layout="last")``; its first call of a shape compiles kernels.
+
+    Subclasses change the layer's ``layout``, ``weight_layout`` and ``bias_layout``; the
+    parameters are copied in (and their gradients read back) through views of the convention.
+    """
 
     layout = "last"
+    weight_layout = "out_in"
+    bias_layout = "grouped"
 
     def __init__(self, weight: Tensor, bias: Tensor) -> None:
         from tvmgroup import GroupedLinear
 
         groups, out_features, in_features = weight.shape
         self.layer = GroupedLinear(groups, in_features, out_features, layout=self.layout,
+                                   weight_layout=self.weight_layout, bias_layout=self.bias_layout,
                                    device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
-            self.layer.weight.copy_(weight)
-            self.layer.bias.copy_(bias)
+            as_out_in(self.layer.weight, self.weight_layout).copy_(weight)
+            self.layer.bias.view(groups, out_features).copy_(bias)
+
+    @property
+    def kernel_layout(self) -> str:
+        """The layout of the kernels the layer runs (what its schedules are looked up by)."""
+        return self.layout
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.layer(x)
@@ -232,13 +250,32 @@ class TvmGroup(Instance):
         return [self.layer.weight, self.layer.bias]
 
     def grads(self) -> tuple[Tensor, Tensor]:
-        return self.layer.weight.grad, self.layer.bias.grad
+        weight, bias = self.layer.weight, self.layer.bias
+        return as_out_in(weight.grad, self.weight_layout), bias.grad.reshape(weight.shape[0], -1)
 
 
 class TvmGroupConv(TvmGroup):
     """``tvmgroup.GroupedLinear(layout="conv")`` on ``(1, G*K, N)``, as ``nn.Conv1d`` takes it."""
 
     layout = "conv"
+
+
+class TvmGroupEnsemble(TvmGroup):
+    """``tvmgroup.GroupedLinear(layout="ensemble", weight_layout="in_out",
+    bias_layout="broadcast")``: an ensemble's ``(G, N, K)`` input and its ``(G, K, O)`` /
+    ``(G, 1, O)`` parameters as it stores them."""
+
+    layout = "ensemble"
+    weight_layout = "in_out"
+    bias_layout = "broadcast"
+
+
+class TvmGroupShared(TvmGroupEnsemble):
+    """``tvmgroup.GroupedLinear(layout="shared", ...)``: one ``(N, K)`` input read by every
+    member, on the ``"ensemble"`` kernels."""
+
+    layout = SHARED_INPUT
+    kernel_layout = SHARED_INPUT_KERNELS
 
 
 class MatmulConv(Combined):
@@ -249,6 +286,63 @@ class MatmulConv(Combined):
         b, _, length = x.shape
         y = torch.matmul(self.weight, x.view(b, groups, in_features, length)) + self.bias.unsqueeze(-1)
         return y.view(b, groups * out_features, length)
+
+
+class EnsembleParameters(Instance):
+    """Formulations on an ensemble's parameters as it stores them: weight ``(G, K, O)``, bias
+    ``(G, 1, O)`` (``y[g] = x[g] @ weight[g] + bias[g]``)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor) -> None:
+        self.weight = _leaf(weight.transpose(1, 2).contiguous())
+        self.bias = _leaf(bias.unsqueeze(1))
+
+    def parameters(self) -> list[Tensor]:
+        return [self.weight, self.bias]
+
+    def grads(self) -> tuple[Tensor, Tensor]:
+        return self.weight.grad.transpose(1, 2), self.bias.grad.squeeze(1)
+
+
+class BaddbmmEnsemble(EnsembleParameters):
+    """``torch.baddbmm(bias, x, weight)`` on ``(G, N, K)``: what ensemble code writes."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class BmmEnsemble(EnsembleParameters):
+    """``torch.bmm(x, weight) + bias`` on ``(G, N, K)``."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.bmm(x, self.weight) + self.bias
+
+
+class EinsumEnsemble(EnsembleParameters):
+    """``torch.einsum("gnk,gko->gno", x, weight) + bias``."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.einsum("gnk,gko->gno", x, self.weight) + self.bias
+
+
+class MatmulShared(EnsembleParameters):
+    """``torch.matmul(x, weight) + bias``: ``x (N, K)`` broadcast against ``weight (G, K, O)``."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.matmul(x, self.weight) + self.bias
+
+
+class BaddbmmShared(EnsembleParameters):
+    """``torch.baddbmm(bias, x.expand(G, N, K), weight)``: the input expanded over the members."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias, x.expand(self.weight.shape[0], *x.shape), self.weight)
+
+
+class EinsumShared(EnsembleParameters):
+    """``torch.einsum("nk,gko->gno", x, weight) + bias``."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.einsum("nk,gko->gno", x, self.weight) + self.bias
 
 
 # -- the registry ------------------------------------------------------------------------------
@@ -309,15 +403,31 @@ FORMULATIONS: dict[str, Formulation] = {
                     MatmulConv, layout="conv"),
         Formulation("tvmgroup-conv", "tvmgroup.GroupedLinear(layout='conv') on (1, G*K, N)", TvmGroupConv,
                     layout="conv", is_tvmgroup=True),
+        Formulation("baddbmm-ensemble", "torch.baddbmm(b, x, W): x (G,N,K), W (G,K,O), b (G,1,O)",
+                    BaddbmmEnsemble, layout="ensemble"),
+        Formulation("bmm-ensemble", "torch.bmm(x, W) + b on (G, N, K)", BmmEnsemble, layout="ensemble"),
+        Formulation("einsum-ensemble", "torch.einsum('gnk,gko->gno', x, W) + b", EinsumEnsemble,
+                    layout="ensemble"),
+        Formulation("tvmgroup-ensemble", "tvmgroup.GroupedLinear(layout='ensemble'), weight (G,K,O) 'in_out', "
+                    "bias (G,1,O) 'broadcast'", TvmGroupEnsemble, layout="ensemble", is_tvmgroup=True),
+        Formulation("matmul-shared", "torch.matmul(x, W) + b: x (N,K) broadcast against W (G,K,O)",
+                    MatmulShared, layout="shared"),
+        Formulation("baddbmm-shared", "torch.baddbmm(b, x.expand(G, N, K), W)", BaddbmmShared,
+                    layout="shared"),
+        Formulation("einsum-shared", "torch.einsum('nk,gko->gno', x, W) + b", EinsumShared, layout="shared"),
+        Formulation("tvmgroup-shared", "tvmgroup.GroupedLinear(layout='shared'), weight (G,K,O) 'in_out', "
+                    "bias (G,1,O) 'broadcast'", TvmGroupShared, layout="shared", is_tvmgroup=True),
     )
 }
 
-# What a run times for each input layout (``tvmgroup bench --layout``): the "last" run keeps
-# nn.Conv1d as a PyTorch formulation of the same layer; the "conv" run times everything on
-# the channels-first (1, G*K, N) input.
+# What a run times for each input layout (``tvmgroup bench --layout``, one entry per layout of
+# tvmgroup.bench.inputs): the "last" run keeps nn.Conv1d as a PyTorch formulation of the same
+# layer; the others time everything on their own input.
 BY_LAYOUT: dict[str, tuple[str, ...]] = {
     "last": ("linear-loop", "conv1d", "bmm", "einsum", "vmap", "compile-bmm", "block-diag", "tvmgroup"),
     "conv": ("conv1d", "matmul-conv", "tvmgroup-conv"),
+    "ensemble": ("baddbmm-ensemble", "bmm-ensemble", "einsum-ensemble", "tvmgroup-ensemble"),
+    "shared": ("matmul-shared", "baddbmm-shared", "einsum-shared", "tvmgroup-shared"),
 }
 
 # What a GPU run adds to the layout's set: the GPU-only PyTorch formulations.
@@ -328,7 +438,12 @@ EXTRA_ON_DEVICE: dict[tuple[str, str], tuple[str, ...]] = {
 
 def select(names: str | None, layout: str = "last", device: str = "cpu") -> list[Formulation]:
     """The formulations named in a comma-separated list (for None, those of the ``layout``
-    run, :data:`BY_LAYOUT`, plus :data:`EXTRA_ON_DEVICE` for ``device``), in registry order."""
+    run, :data:`BY_LAYOUT`, plus :data:`EXTRA_ON_DEVICE` for ``device``), in registry order.
+
+    Named formulations must belong to the ``layout`` run (on any device): the others compute
+    another problem (one input for every group) or are compared in another run."""
+    if layout not in BY_LAYOUT:
+        raise ValueError(f"unknown bench layout {layout!r}; choose from {', '.join(BY_LAYOUT)}")
     if names is None:
         wanted = BY_LAYOUT[layout] + EXTRA_ON_DEVICE.get((layout, device), ())
         return [f for name, f in FORMULATIONS.items() if name in wanted]
@@ -339,44 +454,52 @@ def select(names: str | None, layout: str = "last", device: str = "cpu") -> list
             f"--formulations: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
             f"choose from {', '.join(FORMULATIONS)}"
         )
+    in_run = set(BY_LAYOUT[layout]).union(*(extra for (run, _), extra in EXTRA_ON_DEVICE.items() if run == layout))
+    elsewhere = [n for n in wanted if n not in in_run]
+    if elsewhere:
+        runs = {n: [run for run, members in BY_LAYOUT.items() if n in members] for n in elsewhere}
+        raise ValueError(
+            f"--formulations: {', '.join(f'{n} (--layout {runs[n][0]})' for n in elsewhere)} "
+            f"not in the --layout {layout} run, which times {', '.join(BY_LAYOUT[layout])}"
+        )
     return [f for name, f in FORMULATIONS.items() if name in wanted]
 
 
 # -- layouts and the float64 reference ---------------------------------------------------------
 
 
-def to_layout(x: Tensor, layout: str) -> Tensor:
-    """An (N, F) tensor in ``layout``, contiguous: (N, F) itself or (1, F, N)."""
-    if layout == "last":
-        return x
-    return x.t().contiguous().unsqueeze(0)
+def reference(x: Tensor, weight: Tensor, bias: Tensor, grad_y: Tensor, layout: str = "last") -> dict[str, Tensor]:
+    """The float64 results for ``x`` and ``grad_y`` in ``layout``, from the ops' references:
+    ``y`` as ``(N, G*O)``, ``grad_x`` in ``x``'s layout, ``grad_weight`` ``(G, O, K)``,
+    ``grad_bias`` ``(G, O)``.
 
-
-def from_layout(y: Tensor, layout: str) -> Tensor:
-    """A tensor in ``layout`` back as (N, F) (a view)."""
-    if layout == "last":
-        return y
-    return y[0].t()
-
-
-def reference(x: Tensor, weight: Tensor, bias: Tensor, grad_y: Tensor) -> dict[str, Tensor]:
-    """y, grad_x, grad_weight, grad_bias of (N, F) tensors in float64, from the ops' references."""
-    return reference_pass(LAYOUTS["last"], x, weight, bias, grad_y)
+    The references run on the rows form ``(N, G*K)``; ``grad_x`` comes back through the map of
+    ``x`` to it (``InputLayout.x_rows``), differentiated by autograd."""
+    rows = input_layout(layout)
+    groups = weight.shape[0]
+    x64 = x.detach().double().requires_grad_(True)
+    with torch.enable_grad():
+        x_rows = rows.x_rows(x64, groups)
+    ref = reference_pass(LAYOUTS["last"], x_rows.detach(), weight, bias, rows.y_rows(grad_y.detach().double()))
+    (ref["grad_x"],) = torch.autograd.grad(x_rows, x64, ref["grad_x"])
+    return ref
 
 
 def run_once(inst: Instance, layout: str, x: Tensor, grad_y: Tensor) -> dict[str, Tensor]:
-    """One forward without autograd, one forward+backward; results as (N, F), (G, O, K), (G, O)."""
+    """One forward without autograd, one forward+backward, on ``x`` and ``grad_y`` in ``layout``;
+    results as :func:`reference` gives them: y (N, G*O), grad_x as x, (G, O, K), (G, O)."""
+    rows = input_layout(layout)
     with torch.no_grad():
-        y_inference = from_layout(inst(to_layout(x, layout)), layout).clone()
-    xl = to_layout(x, layout).detach().clone().requires_grad_(True)
+        y_inference = rows.y_rows(inst(x)).clone()
+    xl = x.detach().clone().requires_grad_(True)
     inst.zero_grad()
     y = inst(xl)
-    y.backward(to_layout(grad_y, layout))
+    y.backward(grad_y)
     grad_weight, grad_bias = inst.grads()
     return {
         "y": y_inference,
-        "y_autograd": from_layout(y.detach(), layout),
-        "grad_x": from_layout(xl.grad, layout),
+        "y_autograd": rows.y_rows(y.detach()),
+        "grad_x": xl.grad,
         "grad_weight": grad_weight,
         "grad_bias": grad_bias,
     }

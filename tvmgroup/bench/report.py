@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from tvmgroup.bench.inputs import input_layout
 from tvmgroup.bench.machine import Ceilings
 from tvmgroup.bench.runner import Result, ShapeResult
 from tvmgroup.bench.shapes import Shape
@@ -36,10 +37,15 @@ def _machine_text(info: dict) -> str:
     return cpu
 
 
-def floors_ms(shape: Shape, ceilings: Ceilings, backward: bool) -> dict[str, float]:
-    """Compute and memory floors in milliseconds (the time no implementation can beat)."""
+def _bytes(shape: Shape, ceilings: Ceilings, backward: bool, layout: str) -> int:
+    return shape.bytes_moved(backward, element_size(ceilings), input_layout(layout).x_elements(shape))
+
+
+def floors_ms(shape: Shape, ceilings: Ceilings, backward: bool, layout: str = "last") -> dict[str, float]:
+    """Compute and memory floors in milliseconds (the time no implementation can beat); the
+    memory floor counts x in ``layout`` (one input for every group reads N*K elements)."""
     compute = shape.flops(backward) / (ceilings.sgemm_gflops * 1e9) * 1e3
-    memory = shape.bytes_moved(backward, element_size(ceilings)) / (ceilings.copy_gbs * 1e9) * 1e3
+    memory = _bytes(shape, ceilings, backward, layout) / (ceilings.copy_gbs * 1e9) * 1e3
     return {"compute_ms": compute, "memory_ms": memory, "floor_ms": max(compute, memory)}
 
 
@@ -59,13 +65,16 @@ def _speedup_text(shape_result: ShapeResult, backward: bool) -> str:
     return f"{value:.2f}x (vs {name})"
 
 
+def _layout_text(layout: str) -> str:
+    return f"layout {layout}: {input_layout(layout).summary}"
+
+
 def format_shape(shape_result: ShapeResult, ceilings: Ceilings) -> str:
-    shape = shape_result.shape
-    fwd, bwd = floors_ms(shape, ceilings, False), floors_ms(shape, ceilings, True)
-    size = element_size(ceilings)
+    shape, layout = shape_result.shape, shape_result.layout
+    fwd, bwd = floors_ms(shape, ceilings, False, layout), floors_ms(shape, ceilings, True, layout)
     lines = [
-        f"{shape.label}: fwd {shape.flops(False) / 1e9:.3f} GFLOP, {shape.bytes_moved(False, size) / 1e6:.1f} MB; "
-        f"fwd+bwd {shape.flops(True) / 1e9:.3f} GFLOP, {shape.bytes_moved(True, size) / 1e6:.1f} MB",
+        f"{shape.label}: fwd {shape.flops(False) / 1e9:.3f} GFLOP, {_bytes(shape, ceilings, False, layout) / 1e6:.1f} MB; "
+        f"fwd+bwd {shape.flops(True) / 1e9:.3f} GFLOP, {_bytes(shape, ceilings, True, layout) / 1e6:.1f} MB",
         f"  floors fwd: compute {fwd['compute_ms']:.3f} ms, memory {fwd['memory_ms']:.3f} ms; "
         f"fwd+bwd: compute {bwd['compute_ms']:.3f} ms, memory {bwd['memory_ms']:.3f} ms",
     ]
@@ -87,10 +96,11 @@ def format_shape(shape_result: ShapeResult, ceilings: Ceilings) -> str:
     return "\n".join(lines)
 
 
-def format_report(shape_results: list[ShapeResult], ceilings: Ceilings, info: dict) -> str:
+def format_report(shape_results: list[ShapeResult], ceilings: Ceilings, info: dict, layout: str = "last") -> str:
     head = [
         f"{_machine_text(info)}; "
         f"torch {info['torch']}, tvm {info['tvm']}; {ceilings.gemm_dtype}, median of timed calls",
+        _layout_text(layout),
         f"measured ceilings: {_gemm_name(ceilings)} {ceilings.sgemm_gflops:.1f} GFLOP/s "
         f"(torch.mm {ceilings.sgemm_size}^2), "
         f"memory {ceilings.copy_gbs:.1f} GB/s (copy_ of {ceilings.copy_mbytes} MB, read + write)",
@@ -98,11 +108,13 @@ def format_report(shape_results: list[ShapeResult], ceilings: Ceilings, info: di
     return "\n\n".join(["\n".join(head), *(format_shape(s, ceilings) for s in shape_results)]) + "\n"
 
 
-def format_markdown(shape_results: list[ShapeResult], ceilings: Ceilings, info: dict) -> str:
+def format_markdown(shape_results: list[ShapeResult], ceilings: Ceilings, info: dict, layout: str = "last") -> str:
     """The same numbers as :func:`format_report`, as Markdown tables (for docs/performance.md)."""
     lines = [
         f"{_machine_text(info)}; torch {info['torch']}, "
         f"tvm {info['tvm']}; {ceilings.gemm_dtype}; `{info['command']}` at {info['utc']}.",
+        "",
+        f"Layout {layout}: {input_layout(layout).summary}.",
         "",
         f"Measured ceilings: {_gemm_name(ceilings)} {ceilings.sgemm_gflops:.1f} GFLOP/s "
         f"(`torch.mm` {ceilings.sgemm_size}^2), "
@@ -110,7 +122,7 @@ def format_markdown(shape_results: list[ShapeResult], ceilings: Ceilings, info: 
     ]
     for s in shape_results:
         shape = s.shape
-        fwd, bwd = floors_ms(shape, ceilings, False), floors_ms(shape, ceilings, True)
+        fwd, bwd = floors_ms(shape, ceilings, False, s.layout), floors_ms(shape, ceilings, True, s.layout)
         lines += [
             "",
             f"**{shape.label}**: floors fwd {fwd['compute_ms']:.3f} ms compute / {fwd['memory_ms']:.3f} ms memory; "
@@ -135,10 +147,11 @@ def to_json(shape_results: list[ShapeResult], ceilings: Ceilings, info: dict, op
         entry = {
             "shape": s.shape.to_dict(),
             "flops": {"forward": s.shape.flops(False), "forward_backward": s.shape.flops(True)},
-            "bytes": {"forward": s.shape.bytes_moved(False, element_size(ceilings)),
-                      "forward_backward": s.shape.bytes_moved(True, element_size(ceilings))},
-            "floors": {"forward": floors_ms(s.shape, ceilings, False),
-                       "forward_backward": floors_ms(s.shape, ceilings, True)},
+            "layout": s.layout,
+            "bytes": {"forward": _bytes(s.shape, ceilings, False, s.layout),
+                      "forward_backward": _bytes(s.shape, ceilings, True, s.layout)},
+            "floors": {"forward": floors_ms(s.shape, ceilings, False, s.layout),
+                       "forward_backward": floors_ms(s.shape, ceilings, True, s.layout)},
             "results": [r.to_dict() for r in s.results],
         }
         for key, backward in (("forward", False), ("forward_backward", True)):

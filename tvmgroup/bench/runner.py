@@ -7,6 +7,7 @@ from the reference as ``wrong``; neither is timed, and the run goes on.
 from __future__ import annotations
 
 import gc
+import math
 import time
 import traceback
 import warnings
@@ -22,8 +23,8 @@ from tvmgroup.bench.formulations import (
     reference,
     relative_errors,
     run_once,
-    to_layout,
 )
+from tvmgroup.bench.inputs import input_layout
 from tvmgroup.bench.shapes import Shape
 from tvmgroup.bench.timing import Timer, Timing, time_calls
 from tvmgroup.lookup import UntunedShapeWarning, schedule_info
@@ -96,6 +97,7 @@ class Result:
 class ShapeResult:
     shape: Shape
     results: list[Result]
+    layout: str = "last"  # the run's input layout (what the memory floor counts)
 
     def best_pytorch(self, backward: bool) -> Result | None:
         """The fastest PyTorch formulation that ran correctly, by median."""
@@ -118,18 +120,21 @@ def _timing(result: Result, backward: bool) -> Timing | None:
 
 
 def make_buffers(shape: Shape, count: int, seed: int, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> list[tuple[Tensor, Tensor]]:
-    """``count`` pairs of fresh standard-normal (x, grad_y) on ``device`` in ``dtype``, within
-    the buffer budget (drawn in float32 by a generator on ``device``, then rounded)."""
+                 dtype: torch.dtype = torch.float32, layout: str = "last") -> list[tuple[Tensor, Tensor]]:
+    """``count`` pairs of fresh standard-normal contiguous (x, grad_y) in ``layout``'s shapes on
+    ``device`` in ``dtype``, within the buffer budget (drawn in float32 by a generator on
+    ``device``, then rounded)."""
+    rows = input_layout(layout)
+    x_shape, y_shape = rows.x_shape(shape), rows.y_shape(shape)
     element_size = torch.empty((), dtype=dtype).element_size()
-    per_pair = shape.n * shape.groups * (shape.in_features + shape.out_features) * element_size
+    per_pair = (math.prod(x_shape) + math.prod(y_shape)) * element_size
     count = max(1, min(count, BUFFER_BUDGET_BYTES // max(per_pair, 1)))
     gen = torch.Generator(device=device).manual_seed(seed)
 
-    def draw(features: int) -> Tensor:
-        return torch.randn(shape.n, features, generator=gen, device=device).to(dtype)
+    def draw(size: tuple[int, ...]) -> Tensor:
+        return torch.randn(*size, generator=gen, device=device).to(dtype)
 
-    return [(draw(shape.groups * shape.in_features), draw(shape.groups * shape.out_features)) for _ in range(count)]
+    return [(draw(x_shape), draw(y_shape)) for _ in range(count)]
 
 
 def shared_parameters(shape: Shape, seed: int, device: str = "cpu",
@@ -147,11 +152,12 @@ def check(inst: Instance, formulation: Formulation, x: Tensor, grad_y: Tensor,
     return relative_errors(run_once(inst, formulation.layout, x, grad_y), ref)
 
 
-def time_formulation(inst: Instance, layout: str, buffers: list[tuple[Tensor, Tensor]],
+def time_formulation(inst: Instance, buffers: list[tuple[Tensor, Tensor]],
                      settings: Settings, timer: Timer | None) -> tuple[Timing, Timing]:
-    """Forward (without autograd) and forward+backward (grads of x, weight and bias) timings."""
-    xs = [to_layout(x, layout).detach().clone() for x, _ in buffers]
-    gys = [to_layout(gy, layout) for _, gy in buffers]
+    """Forward (without autograd) and forward+backward (grads of x, weight and bias) timings,
+    on ``buffers`` in the formulation's layout."""
+    xs = [x.detach().clone() for x, _ in buffers]
+    gys = [gy for _, gy in buffers]
     count = len(xs)
 
     def forward(i: int) -> None:
@@ -172,10 +178,11 @@ def time_formulation(inst: Instance, layout: str, buffers: list[tuple[Tensor, Te
     return forward_timing, backward_timing
 
 
-def schedule_origins(shape: Shape, layout: str = "last") -> str:
+def schedule_origins(shape: Shape, layout: str = "last", weight_layout: str = "out_in") -> str:
     """Where tvmgroup's three kernels for ``shape`` come from: "default" or a tuning log."""
     origins = {
-        op: schedule_info(op, shape.groups, shape.in_features, shape.out_features, layout=layout)["origin"]
+        op: schedule_info(op, shape.groups, shape.in_features, shape.out_features, layout=layout,
+                          weight_layout=weight_layout)["origin"]
         for op in ("forward", "grad_input", "grad_weight")
     }
     if len(set(origins.values())) == 1:
@@ -199,7 +206,7 @@ def run_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias
             inst = formulation.build(weight, bias)
             result.errors = check(inst, formulation, *buffers[0], ref)
         if formulation.is_tvmgroup:
-            result.message = schedule_origins(shape, formulation.layout)
+            result.message = schedule_origins(shape, inst.kernel_layout, inst.weight_layout)
     except Exception as err:  # a formulation that cannot run here is reported, not fatal
         result.status = "failed"
         result.message = f"{type(err).__name__}: {err}".strip().splitlines()[0][:500]
@@ -215,7 +222,7 @@ def run_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias
             f" > {tolerance:.0e}"
         return result
     try:
-        result.forward, result.forward_backward = time_formulation(inst, formulation.layout, buffers, settings, timer)
+        result.forward, result.forward_backward = time_formulation(inst, buffers, settings, timer)
     except Exception as err:
         result.status = "failed"
         result.message = f"while timing: {type(err).__name__}: {err}".strip().splitlines()[0][:500]
@@ -224,20 +231,26 @@ def run_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias
 
 def run_shape(shape: Shape, formulations: list[Formulation], settings: Settings,
               timer: Timer | None = None, on_start: Callable[[str], None] | None = None,
-              on_done: Callable[[Result], None] | None = None) -> ShapeResult:
-    """All formulations at one shape; ``on_start(name)`` / ``on_done(result)`` bracket each."""
+              on_done: Callable[[Result], None] | None = None, layout: str = "last") -> ShapeResult:
+    """All formulations at one shape; ``on_start(name)`` / ``on_done(result)`` bracket each.
+
+    Each input layout among the formulations gets its own buffers and float64 reference, from
+    the same weight and bias; ``layout`` is the run's (``--layout``)."""
     weight, bias = shared_parameters(shape, settings.seed, settings.device, settings.dtype)
-    buffers = make_buffers(shape, settings.buffers, settings.seed, settings.device, settings.dtype)
-    x0, grad_y0 = buffers[0]
-    ref = reference(x0, weight, bias, grad_y0)
+    inputs = {}
+    for name in dict.fromkeys(f.layout for f in formulations):
+        buffers = make_buffers(shape, settings.buffers, settings.seed, settings.device, settings.dtype, name)
+        x0, grad_y0 = buffers[0]
+        inputs[name] = buffers, reference(x0, weight, bias, grad_y0, name)
     results = []
     for formulation in formulations:
         if on_start:
             on_start(formulation.name)
+        buffers, ref = inputs[formulation.layout]
         results.append(run_formulation(formulation, shape, weight, bias, buffers, ref, settings, timer))
         gc.collect()
         if settings.device == "cuda":
             torch.cuda.empty_cache()  # the next formulation starts with the memory this one held
         if on_done:
             on_done(results[-1])
-    return ShapeResult(shape, results)
+    return ShapeResult(shape, results, layout)

@@ -9,7 +9,9 @@ BYTES_PER_ELEMENT = 4  # float32
 
 @dataclass(frozen=True)
 class Shape:
-    """``x`` is ``(n, groups*in_features)``, ``y`` is ``(n, groups*out_features)``."""
+    """``n`` rows, ``groups`` groups of ``in_features`` -> ``out_features``; in the default
+    layout ``x`` is ``(n, groups*in_features)`` and ``y`` ``(n, groups*out_features)``
+    (:mod:`tvmgroup.bench.inputs` has the others)."""
 
     n: int
     groups: int
@@ -29,14 +31,16 @@ class Shape:
         forward = 2 * self.n * self.groups * self.in_features * self.out_features
         return 3 * forward if backward else forward
 
-    def bytes_moved(self, backward: bool, element_size: int = BYTES_PER_ELEMENT) -> int:
+    def bytes_moved(self, backward: bool, element_size: int = BYTES_PER_ELEMENT, x_elements: int | None = None) -> int:
         """Bytes if every tensor is read or written exactly once (the memory floor's traffic).
 
         Forward: x, W, b read, y written. Forward+backward adds grad_y read and grad_x, grad_W,
         grad_b written (x and W count once although the backward pass reads them again).
+        ``x_elements``: the size of x (and grad_x) where it is not ``N*G*K`` (one input read by
+        every group is ``N*K``).
         """
         n, g, k, o = self.n, self.groups, self.in_features, self.out_features
-        x, y, w, b = n * g * k, n * g * o, g * o * k, g * o
+        x, y, w, b = n * g * k if x_elements is None else x_elements, n * g * o, g * o * k, g * o
         elements = x + y + w + b
         if backward:
             elements += y + x + w + b  # grad_y, grad_x, grad_W, grad_b

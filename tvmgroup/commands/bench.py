@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from tvmgroup.bench.formulations import FORMULATIONS
+from tvmgroup.bench.formulations import BY_LAYOUT, FORMULATIONS
+from tvmgroup.bench.inputs import INPUT_LAYOUTS
 from tvmgroup.commands.arguments import non_negative, positive
 from tvmgroup.bench.shapes import DEFAULT_SHAPES, DEFAULT_SHAPES_BY_DEVICE, GPU_SHAPES, parse_shape
 
@@ -31,11 +32,14 @@ WRONG and not timed, one that cannot run (e.g. torch.compile without a working c
 reported FAILED, and the run goes on.
 Compilation (torch.compile, tvmgroup's first call of a shape) happens during that check and is
 not timed. Each timing is the median over --repeats calls after --warmup untimed calls; every
-call takes the next of several freshly random input buffers. conv1d takes its input in its
-natural layout, a contiguous (1, G*K, N) (N as the length axis, prepared untimed); every other
-formulation takes (N, G*K) and returns (N, G*O). block-diag prebuilds its dense weight for the
-forward timing and builds it from the (G, O, K) weight on every fwd+bwd call, so its weight
-gradient stays block-diagonal.
+call takes the next of several freshly random input buffers, drawn contiguous in the
+formulation's own input layout (untimed). --layout picks the layout and its formulations:
+last, x (N, G*K) -> (N, G*O), with conv1d on its natural (1, G*K, N) beside them (N as the
+length axis); conv, (1, G*K, N); ensemble, (G, N, K) -> (G, N, O), weights stored (G, K, O)
+and biases (G, 1, O) as ensembles keep them; shared, one input (N, K) read by every group ->
+(G, N, O). Gradients are compared in one convention, (G, O, K) and (G, O). block-diag
+prebuilds its dense weight for the forward timing and builds it from the (G, O, K) weight on
+every fwd+bwd call, so its weight gradient stays block-diagonal.
 
 The run also measures this machine's ceilings: SGEMM rate (a square float32 torch.mm; on a
 GPU, torch.mm in the run's dtype) and memory bandwidth (a 256 MB copy_, read + write, on the
@@ -51,8 +55,12 @@ without TF32 (so float32 means float32, for cuBLAS and cuDNN alike), and adds sh
 a GPU to the defaults. Several --dtype values run one after another into DIR/<dtype>/.
 """
 
-EPILOG = "formulations:\n" + "\n".join(f"  {f.name:<12} {f.description}" for f in FORMULATIONS.values()) + f"""
+_NAME_WIDTH = max(len(name) for name in FORMULATIONS)
+EPILOG = "formulations:\n" + "\n".join(
+    f"  {f.name:<{_NAME_WIDTH}}  {f.description}" for f in FORMULATIONS.values()
+) + f"""
 
+shapes are N,G,K,O in every layout (ensemble, shared: N the batch, G the members).
 default shapes (N,G,K,O): {'  '.join(s.short for s in DEFAULT_SHAPES)}
 with --device cuda also: {'  '.join(s.short for s in GPU_SHAPES)}
 
@@ -91,10 +99,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--formulations", metavar="NAME[,NAME...]",
                    help="only these formulations (default: those of --layout; all: "
                         f"{','.join(FORMULATIONS)})")
-    p.add_argument("--layout", choices=("last", "conv"), default="last",
-                   help="input layout of the default formulations: last, (N, G*K) (default; nn.Conv1d "
-                        "runs on its own layout beside them); conv, (1, G*K, N): nn.Conv1d, torch.matmul "
-                        "of (1, G, K, N) and tvmgroup's conv layout")
+    p.add_argument("--layout", choices=tuple(BY_LAYOUT), default="last",
+                   help="the input layout and its formulations: "
+                        + "; ".join(f"{name}, {INPUT_LAYOUTS[name].summary}: {', '.join(names)}"
+                                    for name, names in BY_LAYOUT.items())
+                        + " (default last; nn.Conv1d runs on its own layout beside the last run's)")
     p.add_argument("--threads", type=positive, default=os.cpu_count() or 1,
                    help="threads for PyTorch and TVM (default: os.cpu_count() = %(default)s)")
     p.add_argument("--output", type=Path, default=Path("bench-results"), metavar="DIR",
@@ -206,13 +215,14 @@ def _run_layers(args, chosen, shapes, settings, preset, timer, info, output: Pat
                     bar.write(f"{shape.label} {result.name}: {result.status.upper()}: {result.message}")
                 bar.update()
 
-            shape_results.append(run_shape(shape, chosen, settings, timer, on_start=start, on_done=done))
+            shape_results.append(run_shape(shape, chosen, settings, timer, on_start=start, on_done=done,
+                                           layout=args.layout))
 
-    text = format_report(shape_results, ceilings, info)
+    text = format_report(shape_results, ceilings, info, args.layout)
     print(text, end="")
     (output / "bench.txt").write_text(text)
     write_json(output / "bench.json", to_json(shape_results, ceilings, info, options))
-    (output / "bench.md").write_text(format_markdown(shape_results, ceilings, info))
+    (output / "bench.md").write_text(format_markdown(shape_results, ceilings, info, args.layout))
     written = ["bench.txt", "bench.md", "bench.json"]
     if not args.no_chart and write_chart(output / "bench.png", shape_results):
         written.append("bench.png")
