@@ -254,3 +254,41 @@ def test_named_formulations_must_belong_to_the_layout_run(tmp_path, capsys):
     assert [f.name for f in registry.select("einsum-shared,tvmgroup-shared", "shared")] == \
         ["einsum-shared", "tvmgroup-shared"]
     assert [f.name for f in registry.select("autotune-bmm,bmm", "last")] == ["bmm", "autotune-bmm"]
+
+
+def test_compare_default_times_the_layer_on_its_default_schedules_too(tmp_path, monkeypatch, capsys):
+    """With a tuning log serving the layer, --compare-default adds tvmgroup-default (the same
+    layer forced onto its default schedules) and reports the ratio."""
+    from tuning_helpers import fake_log
+
+    from tvmgroup import lookup
+    from tvmgroup.compute import OpSpec
+    from tvmgroup.paths import user_logs_dir
+    from tvmgroup.target import cpu_target
+
+    monkeypatch.setenv("TVMGROUP_HOME", str(tmp_path / "home"))
+    lookup.forget()
+    fake_log(user_logs_dir(), OpSpec("forward", 4, 8, 8), cpu_target())
+    try:
+        code = main(["bench", "--shape", "64,4,8,8", "--formulations", "bmm,tvmgroup", "--compare-default",
+                     "--repeats", "2", "--warmup", "0", "--output", str(tmp_path / "out"), "--no-chart"])
+        assert code == 0
+        table = capsys.readouterr().out
+        data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    finally:
+        lookup.forget()
+    (shape,) = data["shapes"]
+    results = {r["name"]: r for r in shape["results"]}
+    assert list(results) == ["bmm", "tvmgroup", "tvmgroup-default"]
+    assert all(r["status"] == "ok" for r in results.values())
+    assert "forward user" in results["tvmgroup"]["message"]  # the log serves the forward
+    assert results["tvmgroup-default"]["message"] == "schedules: default (--compare-default)"
+    assert results["tvmgroup-default"]["is_default"] and not results["tvmgroup"]["is_default"]
+    assert set(shape["tuned_over_default"]) == {"forward", "forward_backward"}
+    assert shape["tvmgroup_speedup"]["forward"]["best_pytorch"] == "bmm"  # the default is not a rival
+    assert "tvmgroup as looked up (tuning logs) over its default schedules: fwd" in table
+
+
+def test_compare_default_is_refused_with_models(tmp_path, capsys):
+    assert main(["bench", "--models", "--compare-default", "--output", str(tmp_path)]) != 0
+    assert "--compare-default times single layers" in capsys.readouterr().err

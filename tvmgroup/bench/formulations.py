@@ -20,8 +20,9 @@ input read by every member). ``tvmgroup bench --layout`` picks the set of formul
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,10 @@ class Instance:
     def zero_grad(self) -> None:
         for p in self.parameters():
             p.grad = None
+
+    def schedules(self) -> ContextManager:
+        """The context its calls (forward and backward) run in: which schedules serve them."""
+        return contextlib.nullcontext()
 
 
 def _leaf(t: Tensor) -> Tensor:
@@ -355,6 +360,7 @@ class Formulation:
     build: Callable[[Tensor, Tensor], Instance]
     layout: str = "last"
     is_tvmgroup: bool = False
+    is_default: bool = False  # a tvmgroup formulation forced onto its default schedules
     fits: Callable[[Shape], bool] = lambda shape: True
     devices: tuple[str, ...] = ("cpu", "cuda")
     # None where this torch build has what the formulation needs, else why not.
@@ -419,6 +425,46 @@ FORMULATIONS: dict[str, Formulation] = {
                     "bias (G,1,O) 'broadcast'", TvmGroupShared, layout="shared", is_tvmgroup=True),
     )
 }
+
+class DefaultSchedules(Instance):
+    """A tvmgroup formulation run on its default schedules, whatever tuning logs there are
+    (``tvmgroup bench --compare-default``: the tuned and the default layer in one run)."""
+
+    def __init__(self, inner: Instance) -> None:
+        self.inner = inner
+        self.kernel_layout, self.weight_layout = inner.kernel_layout, inner.weight_layout
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+    def parameters(self) -> list[Tensor]:
+        return self.inner.parameters()
+
+    def grads(self) -> tuple[Tensor, Tensor]:
+        return self.inner.grads()
+
+    def schedules(self) -> ContextManager:
+        from tvmgroup.lookup import default_schedules
+
+        return default_schedules()
+
+
+DEFAULT_SUFFIX = "-default"
+
+
+def with_defaults(formulations: list[Formulation]) -> list[Formulation]:
+    """``formulations`` with each tvmgroup one followed by itself on its default schedules."""
+    out = []
+    for f in formulations:
+        out.append(f)
+        if f.is_tvmgroup:
+            build = f.build
+            out.append(replace(
+                f, name=f.name + DEFAULT_SUFFIX, description=f"{f.description}, default schedules",
+                build=lambda weight, bias, build=build: DefaultSchedules(build(weight, bias)), is_default=True,
+            ))
+    return out
+
 
 # What a run times for each input layout (``tvmgroup bench --layout``, one entry per layout of
 # tvmgroup.bench.inputs): the "last" run keeps nn.Conv1d as a PyTorch formulation of the same

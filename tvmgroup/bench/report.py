@@ -65,6 +65,15 @@ def _speedup_text(shape_result: ShapeResult, backward: bool) -> str:
     return f"{value:.2f}x (vs {name})"
 
 
+def _tuned_text(shape_result: ShapeResult) -> str | None:
+    """``--compare-default``: the tuned layer against its default schedules, or None."""
+    fwd, bwd = shape_result.tuned_over_default(False), shape_result.tuned_over_default(True)
+    if fwd is None and bwd is None:
+        return None
+    text = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+    return f"tvmgroup as looked up (tuning logs) over its default schedules: fwd {text(fwd)}, fwd+bwd {text(bwd)}"
+
+
 def _layout_text(layout: str) -> str:
     return f"layout {layout}: {input_layout(layout).summary}"
 
@@ -93,6 +102,9 @@ def format_shape(shape_result: ShapeResult, ceilings: Ceilings) -> str:
         f"  tvmgroup speedup over the best PyTorch formulation: fwd {_speedup_text(shape_result, False)}, "
         f"fwd+bwd {_speedup_text(shape_result, True)}"
     )
+    tuned = _tuned_text(shape_result)
+    if tuned:
+        lines.append(f"  {tuned}")
     return "\n".join(lines)
 
 
@@ -138,6 +150,9 @@ def format_markdown(shape_results: list[ShapeResult], ceilings: Ceilings, info: 
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {note} |")
         lines += ["", f"tvmgroup speedup over the best PyTorch formulation: fwd {_speedup_text(s, False)}, "
                       f"fwd+bwd {_speedup_text(s, True)}."]
+        tuned = _tuned_text(s)
+        if tuned:
+            lines += ["", f"{tuned}."]
     return "\n".join(lines) + "\n"
 
 
@@ -159,6 +174,9 @@ def to_json(shape_results: list[ShapeResult], ceilings: Ceilings, info: dict, op
             entry.setdefault("tvmgroup_speedup", {})[key] = (
                 {"speedup": speedup[0], "best_pytorch": speedup[1]} if speedup else None
             )
+            tuned = s.tuned_over_default(backward)
+            if tuned is not None:
+                entry.setdefault("tuned_over_default", {})[key] = tuned
         shapes.append(entry)
     return {"machine": info, "options": options, "ceilings": ceilings.to_dict(), "shapes": shapes}
 

@@ -79,11 +79,13 @@ class Result:
     setup_s: float = 0.0  # build + check, which includes any compilation
     forward: Timing | None = None
     forward_backward: Timing | None = None
+    is_default: bool = False  # tvmgroup on its default schedules (--compare-default)
 
     def to_dict(self) -> dict:
         return {
             "name": self.name,
             "is_tvmgroup": self.is_tvmgroup,
+            "is_default": self.is_default,
             "status": self.status,
             "message": self.message,
             "relative_errors": self.errors,
@@ -105,7 +107,16 @@ class ShapeResult:
         return min(timed, key=lambda r: _timing(r, backward).median_ms, default=None)
 
     def tvmgroup(self) -> Result | None:
-        return next((r for r in self.results if r.is_tvmgroup), None)
+        """tvmgroup as a user runs it (with the tuning logs there are)."""
+        return next((r for r in self.results if r.is_tvmgroup and not r.is_default), None)
+
+    def tuned_over_default(self, backward: bool) -> float | None:
+        """tvmgroup's default-schedule median over its own (``--compare-default``)."""
+        ours = self.tvmgroup()
+        default = next((r for r in self.results if r.is_default), None)
+        if ours is None or default is None or _timing(ours, backward) is None or _timing(default, backward) is None:
+            return None
+        return _timing(default, backward).median_ms / _timing(ours, backward).median_ms
 
     def speedup(self, backward: bool) -> tuple[float, str] | None:
         """(best PyTorch median / tvmgroup median, name of that PyTorch formulation)."""
@@ -164,7 +175,8 @@ def time_formulation(inst: Instance, buffers: list[tuple[Tensor, Tensor]],
         with torch.no_grad():
             inst(xs[i % count])
 
-    forward_timing = time_calls(forward, warmup=settings.warmup, repeats=settings.repeats, timer=timer)
+    with inst.schedules():
+        forward_timing = time_calls(forward, warmup=settings.warmup, repeats=settings.repeats, timer=timer)
 
     leaves = [x.requires_grad_(True) for x in xs]
 
@@ -174,7 +186,8 @@ def time_formulation(inst: Instance, buffers: list[tuple[Tensor, Tensor]],
         inst.zero_grad()
         inst(x).backward(gys[i % count])
 
-    backward_timing = time_calls(forward_backward, warmup=settings.warmup, repeats=settings.repeats, timer=timer)
+    with inst.schedules():
+        backward_timing = time_calls(forward_backward, warmup=settings.warmup, repeats=settings.repeats, timer=timer)
     return forward_timing, backward_timing
 
 
@@ -193,7 +206,7 @@ def schedule_origins(shape: Shape, layout: str = "last", weight_layout: str = "o
 def run_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias: Tensor,
                     buffers: list[tuple[Tensor, Tensor]], ref: dict[str, Tensor],
                     settings: Settings, timer: Timer | None) -> Result:
-    result = Result(formulation.name, formulation.is_tvmgroup, "ok")
+    result = Result(formulation.name, formulation.is_tvmgroup, "ok", is_default=formulation.is_default)
     reason = formulation.why_not(shape, settings.device)
     if reason:
         result.status, result.message = "skipped", reason
@@ -204,8 +217,11 @@ def run_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias
             # The table says which schedules served tvmgroup (note column) instead.
             warnings.simplefilter("ignore", UntunedShapeWarning)
             inst = formulation.build(weight, bias)
-            result.errors = check(inst, formulation, *buffers[0], ref)
-        if formulation.is_tvmgroup:
+            with inst.schedules():
+                result.errors = check(inst, formulation, *buffers[0], ref)
+        if formulation.is_default:
+            result.message = "schedules: default (--compare-default)"
+        elif formulation.is_tvmgroup:
             result.message = schedule_origins(shape, inst.kernel_layout, inst.weight_layout)
     except Exception as err:  # a formulation that cannot run here is reported, not fatal
         result.status = "failed"

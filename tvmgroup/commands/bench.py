@@ -104,6 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         + "; ".join(f"{name}, {INPUT_LAYOUTS[name].summary}: {', '.join(names)}"
                                     for name, names in BY_LAYOUT.items())
                         + " (default last; nn.Conv1d runs on its own layout beside the last run's)")
+    p.add_argument("--compare-default", action="store_true",
+                   help="also time each tvmgroup formulation on its default schedules (name suffix "
+                        "-default), whatever tuning logs serve it, and report tuned over default")
     p.add_argument("--threads", type=positive, default=os.cpu_count() or 1,
                    help="threads for PyTorch and TVM (default: os.cpu_count() = %(default)s)")
     p.add_argument("--output", type=Path, default=Path("bench-results"), metavar="DIR",
@@ -147,11 +150,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--models runs on the CPU only; drop --device cuda")
     if models and dtypes != ["float32"]:
         raise ValueError("--models times float32 only; drop --dtype")
+    if models and args.compare_default:
+        raise ValueError("--compare-default times single layers; drop --models (or run the stacks with and "
+                         "without the logs: TVMGROUP_HOME names the user's logs)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch.cuda.is_available() is False (no CUDA GPU, or a torch "
                            f"without CUDA: torch {torch.__version__}); use --device cpu")
     timer = timer_for(args.device)
     chosen = registry.select(args.formulations, args.layout, args.device)
+    if args.compare_default:
+        chosen = registry.with_defaults(chosen)
     shapes = list(args.shape or DEFAULT_SHAPES_BY_DEVICE[args.device])
     preset = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
