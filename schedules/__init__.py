@@ -11,12 +11,32 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .cpu import schedule_cpu
+from .cpu import FUSED_BACKWARD_LAYOUTS, schedule_cpu
 from .cuda import schedule_cuda
 from .knobs import DefaultKnobs, DefaultTraceKnobs, Knobs, ReplayKnobs, SampledKnobs, trace_decisions
 from .roles import ROW_TILE_KEY, row_tile_of
 
 TEMPLATES: dict[str, Callable[..., None]] = {"llvm": schedule_cpu, "cuda": schedule_cuda}
+
+SINGLE_OPS = ("forward", "grad_input", "grad_weight")  # every template schedules these, on every layout
+# What each template schedules beyond the single ops: op -> the layouts it has a schedule
+# for. The fused backward is a CPU schedule only (the CUDA templates schedule one main block
+# per kernel); where it is missing, the backward pass runs grad_input and grad_weight.
+EXTRA_OPS: dict[str, dict[str, frozenset[str]]] = {
+    "llvm": {"backward": FUSED_BACKWARD_LAYOUTS},
+    "cuda": {},
+}
+
+
+def supports(target_kind: str, op: str, layout: str) -> bool:
+    """Whether the template of ``target_kind`` schedules ``op`` on kernel layout ``layout``.
+
+    A layout a template does not name for an extra op (a new layout, say) is not supported
+    there, so callers fall back to the single ops instead of failing.
+    """
+    if target_kind not in TEMPLATES:
+        return False
+    return op in SINGLE_OPS or layout in EXTRA_OPS.get(target_kind, {}).get(op, frozenset())
 
 
 def template_for(target_kind: str) -> Callable[..., None]:
@@ -26,4 +46,4 @@ def template_for(target_kind: str) -> Callable[..., None]:
         raise ValueError(f"no schedule template for target kind {target_kind!r}; have {sorted(TEMPLATES)}") from None
 
 
-__all__ = ["TEMPLATES", "template_for", "Knobs", "DefaultKnobs", "DefaultTraceKnobs", "SampledKnobs", "ReplayKnobs", "trace_decisions", "ROW_TILE_KEY", "row_tile_of"]
+__all__ = ["TEMPLATES", "SINGLE_OPS", "EXTRA_OPS", "supports", "template_for", "Knobs", "DefaultKnobs", "DefaultTraceKnobs", "SampledKnobs", "ReplayKnobs", "trace_decisions", "ROW_TILE_KEY", "row_tile_of"]

@@ -30,7 +30,7 @@ from tvm import s_tir
 from tvmgroup.layouts import layout_of
 
 from .knobs import Knobs
-from .roles import ROW_TILE_KEY, loop_roles
+from .roles import ROW_TILE_KEY, loop_roles, op_parts
 
 ROW_TILES = (1, 2, 4, 8)  # symbolic row tile of forward / grad_input ("last")
 ROW_CHUNKS = (16, 32, 64, 128, 256)  # symbolic row chunk of grad_weight ("last")
@@ -84,8 +84,27 @@ def _parallel(sch: s_tir.Schedule, loop) -> None:
         sch.parallel(loop)
 
 
+# Layouts whose fused backward ("backward": grad_input and grad_weight in one kernel) this
+# template schedules; on any other layout the backward runs the two ops
+# (:func:`tvmgroup.schedules.supports`).
+FUSED_BACKWARD_LAYOUTS = frozenset({"last", "conv", "ensemble"})
+
+
 def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: Knobs, tail: bool = False) -> None:
-    """Applies the template to the op's PrimFunc in ``sch``."""
+    """Applies the template to the op's PrimFunc in ``sch``.
+
+    An op made of parts (the fused backward, :func:`~.roles.op_parts`) has each part
+    scheduled as its op is, in one PrimFunc: one call, one launch. Its row tile is the
+    largest of the parts' (each a power of two, so a multiple of the others).
+    """
+    if op == "backward" and layout not in FUSED_BACKWARD_LAYOUTS:
+        raise ValueError(f"the CPU template has no fused backward for layout {layout!r}")
+    for part in op_parts(op):
+        _schedule_op(sch, part, layout, bias, knobs, tail)
+
+
+def _schedule_op(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: Knobs, tail: bool) -> None:
+    """Schedules the blocks of single op ``op`` (the whole PrimFunc, or one part of it)."""
     roles = loop_roles(op, layout, bias)
     rows_innermost = layout_of(layout).rows_innermost
     # With rows innermost, grad_weight vectorises the summed rows, not its static vector loop:

@@ -11,6 +11,8 @@ from .knobs import Knobs
 
 def schedule_cuda(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: Knobs, tail: bool = False) -> None:
     """Applies the template for the op's dtype; its kernels take any row count (``tail`` is unused)."""
+    if op == "backward":
+        raise ValueError("the CUDA templates have no fused backward: run grad_input and grad_weight")
     if uses_tensor_cores(sch):
         schedule_tensorcore(sch, op, layout, bias, knobs)
     else:

@@ -40,6 +40,16 @@ class LoopRoles:
         return [name for name in self.packs if name in names]
 
 
+# Ops made of other ops' computations in one PrimFunc: each part keeps its blocks' names and is
+# scheduled as that op is (the fused backward: grad_x, then grad_weight and grad_bias).
+PARTS: dict[str, tuple[str, ...]] = {"backward": ("grad_input", "grad_weight")}
+
+
+def op_parts(op: str) -> tuple[str, ...]:
+    """The single ops whose computations make up ``op`` (``(op,)`` for a single op)."""
+    return PARTS.get(op, (op,))
+
+
 def loop_roles(op: str, layout: str, bias: bool = True) -> LoopRoles:
     lay = layout_of(layout)
     last = not lay.rows_innermost

@@ -28,7 +28,7 @@ def test_grad_input_spec_ignores_bias():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"op": "backward"}, r"op must be one of \('forward', 'grad_input', 'grad_weight'\), got 'backward'"),
+        ({"op": "grad_bias"}, r"op must be one of \('forward', 'grad_input', 'grad_weight', 'backward'\), got 'grad_bias'"),
         ({"layout": "nlc"}, r"layout must be one of \('last', 'conv', 'ensemble'\), got 'nlc'"),
         ({"groups": 0}, "groups must be a positive int, got 0"),
         ({"in_features": 2.5}, "in_features must be a positive int, got 2.5"),
@@ -49,6 +49,8 @@ def test_opspec_rejects_bad_fields(kwargs, match):
         ("grad_input", True, ["grad_y", "weight", "grad_x"]),
         ("grad_weight", True, ["grad_y", "x", "grad_weight", "grad_bias"]),
         ("grad_weight", False, ["grad_y", "x", "grad_weight"]),
+        ("backward", True, ["grad_y", "x", "weight", "grad_x", "grad_weight", "grad_bias"]),
+        ("backward", False, ["grad_y", "x", "weight", "grad_x", "grad_weight"]),
     ],
 )
 @pytest.mark.parametrize("layout", LAYOUTS)

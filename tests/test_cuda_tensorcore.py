@@ -11,9 +11,9 @@ import tvm_ffi
 from tvm import s_tir
 
 from tvmgroup import lookup
-from tvmgroup.compute import LAYOUTS, OPS, OpSpec, ir_module
+from tvmgroup.compute import LAYOUTS, OpSpec, ir_module
 from tvmgroup.paths import user_logs_dir
-from tvmgroup.schedules import ReplayKnobs, SampledKnobs, template_for
+from tvmgroup.schedules import SINGLE_OPS, ReplayKnobs, SampledKnobs, template_for
 from tvmgroup.schedules.cuda_tensorcore import intrinsics
 from tvmgroup.target import cuda_target
 
@@ -30,7 +30,7 @@ def test_intrinsics_refuse_float32():
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", SINGLE_OPS)
 def test_sampled_schedule_replays_onto_any_rows_and_builds(op, layout, dtype, monkeypatch):
     """A schedule sampled at a fixed row count (as tuning does) replays with its decisions
     onto the symbolic-row compute; nvcc compiles that module for sm_80 and sm_90."""
@@ -97,7 +97,7 @@ def test_forward_backward_match_float64(shape, layout, dtype, ref_grads):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", SINGLE_OPS)
 def test_tuned_log_replays_and_passes_the_check_on_the_gpu(op, tmp_path, monkeypatch):
     from tvmgroup.target import target_for_device
 

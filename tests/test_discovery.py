@@ -68,6 +68,23 @@ def test_op_shapes_follow_what_needs_gradients():
     assert {s.spec.op for s in forward_only} == {"forward"}
 
 
+@pytest.mark.parametrize("layout, x_shape", [("last", (7, 8)), ("conv", (2, 8, 5)), ("shared", (7, 4))])
+def test_a_layer_whose_input_and_parameters_need_gradients_runs_the_fused_backward(layout, x_shape, monkeypatch):
+    from tvmgroup import ops, schedules
+
+    layer = GroupedLinear(2, 4, 4, layout=layout)
+    x = torch.randn(x_shape, requires_grad=True)
+    kernel_layout = "ensemble" if layout == "shared" else layout
+    assert {s.spec.op for s in op_shapes(find_layers(layer, x))} == {"forward", "backward"}
+    (backward,) = [s.spec for s in op_shapes(find_layers(layer, x)) if s.spec.op == "backward"]
+    assert backward == OpSpec("backward", 2, 4, 4, layout=kernel_layout)
+    # Where the template has no fused schedule for the layout, the two ops, as a step runs them.
+    monkeypatch.setitem(schedules.EXTRA_OPS["llvm"], "backward", frozenset())
+    monkeypatch.setattr(ops, "_fuses", {})
+    assert {s.spec.op for s in op_shapes(find_layers(layer, x))} == {"forward", "grad_input", "grad_weight"}
+    ops._fuses.clear()
+
+
 def test_under_no_grad_only_forward_is_needed():
     model = GroupedLinear(2, 4, 4)
     with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp
 
 from tvmgroup import grouped_linear
-from tvmgroup.ops import grad_input_op, grad_weight_op, grouped_linear_op
+from tvmgroup.ops import backward_op, grad_input_op, grad_weight_op, grouped_linear_op
 from tvmgroup.weights import bias_shape, weight_shape
 
 G, K, O = 3, 4, 5
@@ -366,18 +366,75 @@ def test_opcheck_grad_weight_with_autograd(case, with_bias):
     torch.library.opcheck(grad_weight_op, args, raise_exception=True)
 
 
-def test_registered_double_backward_records_the_registered_ops():
-    """Through the registered op, a recorded backward is made of tvmgroup ops again."""
-    x, weight, bias = (t.requires_grad_() for t in _inputs("last", True))
-    y = _op(x, weight, bias, "last")
-    gx, gw = torch.autograd.grad(y.tanh().sum(), (x, weight), create_graph=True)
+@pytest.mark.parametrize("case", OP_CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_opcheck_fused_backward_with_autograd(case, with_bias):
+    """The fused backward op's schema, fake, autograd registration and AOT dispatch, with
+    grad_y, x and the weight all requiring gradients (its derivatives are the other ops)."""
+    c = CASES[case]
+    weight = torch.randn(weight_shape(G, K, O, c.weight_layout), requires_grad=True)
+    args = (_rows_tensor(case, O), _rows_tensor(case, K), weight, with_bias, c.layout, c.weight_layout)
+    torch.library.opcheck(backward_op, args, raise_exception=True)
+
+
+def _recorded_ops(*grads) -> set[str]:
     names = set()
-    stack = [gx.grad_fn, gw.grad_fn]
+    stack = [g.grad_fn for g in grads]
     while stack:
         node = stack.pop()
         if node is None or node.name() in names:
             continue
         names.add(node.name())
         stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def test_registered_double_backward_records_the_registered_ops():
+    """Through the registered op, a recorded backward is made of tvmgroup ops again: the
+    fused backward where x and the weight need gradients, the two ops where one does."""
+    x, weight, bias = (t.requires_grad_() for t in _inputs("last", True))
+    y = _op(x, weight, bias, "last")
+    names = _recorded_ops(*torch.autograd.grad(y.tanh().sum(), (x, weight), create_graph=True))
+    assert any("grouped_linear_backward" in n for n in names), names
+    assert not any("grouped_linear_grad_input" in n for n in names), names
+    y = _op(x, weight.detach(), None, "last")
+    names = _recorded_ops(*torch.autograd.grad(y.tanh().sum(), (x,), create_graph=True))
     assert any("grouped_linear_grad_input" in n for n in names), names
+    assert not any("grouped_linear_backward" in n for n in names), names
+    y = _op(x.detach(), weight, bias, "last")
+    names = _recorded_ops(*torch.autograd.grad(y.tanh().sum(), (weight, bias), create_graph=True))
     assert any("grouped_linear_grad_weight" in n for n in names), names
+    assert not any("grouped_linear_backward" in n for n in names), names
+
+
+@pytest.mark.parametrize("case", OP_CASES)
+def test_second_derivatives_of_the_fused_backward_op(case):
+    """Each upstream of the fused op alone (grad_x, grad_weight, grad_bias), against the
+    same derivatives of grad_input and grad_weight written with float64 torch ops."""
+    c = CASES[case]
+    grad_y, x = _rows_tensor(case, O), _rows_tensor(case, K)
+    weight = torch.randn(weight_shape(G, K, O, c.weight_layout), requires_grad=True)
+
+    def run(leaves, f):
+        out = f(*leaves)
+        probes = [torch.linspace(-1, 1, t.numel(), dtype=t.dtype).reshape(t.shape) for t in out]
+        grads = [
+            torch.autograd.grad((t * p).sum(), leaves, allow_unused=True, retain_graph=True)
+            for t, p in zip(out, probes)
+        ]
+        return [[g if g is not None else torch.zeros_like(t) for g, t in zip(gs, leaves)] for gs in grads]
+
+    def fused(gy, xx, w):
+        return backward_op(gy, xx, w, True, c.layout, c.weight_layout)
+
+    def reference(gy, xx, w):
+        y = _linear64(xx, w, None, case)  # grad_x, grad_w, grad_b are this op's vjp with upstream gy
+        b = torch.zeros(G, O, dtype=gy.dtype, requires_grad=True)
+        y = y + _linear64(torch.zeros_like(xx), torch.zeros_like(w), b, case)
+        return torch.autograd.grad(y, (xx, w, b), gy, create_graph=True)
+
+    leaves32 = [t.detach().clone().requires_grad_() for t in (grad_y, x, weight)]
+    leaves64 = [t.detach().double().requires_grad_() for t in (grad_y, x, weight)]
+    for i, (gots, wants) in enumerate(zip(run(leaves32, fused), run(leaves64, reference))):
+        for name, g, w in zip(("grad_y", "x", "weight"), gots, wants):
+            _close(g, w, what=f"d/d{name} of output {i}")

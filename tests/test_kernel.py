@@ -179,7 +179,8 @@ def test_disk_cache_is_written_then_loaded_by_another_process(isolated_home):
     assert any(f.endswith("-main.so") for f in files), files
     assert any(f.endswith("-tail.so") for f in files), files
     metas = [f for f in files if f.endswith(".json")]
-    for key in ("forward-last-g3-k5-o4-float32-bias", "grad_input-last", "grad_weight-last-g3-k5-o4-float32-bias"):
+    # A training step where x and the parameters need gradients: forward and the fused backward.
+    for key in ("forward-last-g3-k5-o4-float32-bias", "backward-last-g3-k5-o4-float32-bias"):
         assert any(key in f for f in metas), (key, metas)
     for meta in metas:
         assert json.loads((isolated_home / meta).read_text())["row_tile"] >= 1
@@ -455,3 +456,29 @@ def test_input_of_over_2_31_elements_forward():
         want = torch.einsum("ngk,gok->ngo", rows, weight.double()) + bias.double()
         torch.testing.assert_close(y[start:start + 1000].double(), want.reshape(-1, g), rtol=0, atol=1e-3)
     del x
+
+
+@pytest.mark.parametrize("weight_layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble"])
+def test_fused_backward_kernel_writes_every_element(layout, bias, weight_layout, ref_grads, close):
+    """grad_x (row-indexed: the row split narrows it) and grad_weight, grad_bias (sums over
+    rows: the tail's part is added) from one kernel, at row counts off the row tile."""
+    from tvmgroup.weights import as_out_in, weight_shape
+
+    kernel = kernel_for(OpSpec("backward", G, K, O, layout=layout, bias=bias, weight_layout=weight_layout), cpu_target())
+    assert kernel.row_tile > 1 and kernel.tail is not None
+    t = kernel.row_tile
+    for rows in sorted({1, 13, 97, 256, t - 1, t + 1, 2 * t + 3}):
+        grad_y = torch.randn(_rows_shape(layout, rows, O))
+        x = torch.randn(_rows_shape(layout, rows, K))
+        weight = torch.randn(weight_shape(G, K, O, weight_layout))
+        outs = [_poisoned(*x.shape), _poisoned(*weight.shape)] + ([_poisoned(G, O)] if bias else [])
+        kernel(grad_y, x, weight, *outs)
+        b = torch.randn(G, O) if bias else None
+        expect = _expect(x, as_out_in(weight, weight_layout), b, grad_y, layout, ref_grads)
+        what = f"backward {layout} {weight_layout} rows={rows}"
+        close(_user(outs[0], layout), *expect["x"], what=f"{what} grad_x")
+        close(as_out_in(outs[1], weight_layout), *expect["weight"], what=f"{what} grad_weight")
+        if bias:
+            close(outs[2], *expect["bias"], what=f"{what} grad_bias")

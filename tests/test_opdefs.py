@@ -11,7 +11,7 @@ from tvmgroup.opdefs import OP_DEFS, op_def, reference_pass
 
 
 def test_unknown_op_names_the_choices():
-    with pytest.raises(ValueError, match=r"op must be one of \('forward', 'grad_input', 'grad_weight'\)"):
+    with pytest.raises(ValueError, match=r"op must be one of \('forward', 'grad_input', 'grad_weight', 'backward'\)"):
         op_def("grad_bias")
 
 
@@ -57,3 +57,24 @@ def test_reference_pass_agrees_with_autograd(layout, bias):
         torch.testing.assert_close(got["grad_bias"], b.grad)
     else:
         assert got["grad_bias"] is None
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("weight_layout", ["out_in", "in_out"])
+def test_backward_reference_is_grad_input_and_grad_weight(layout, bias, weight_layout):
+    """The fused backward's outputs are grad_input's and grad_weight's, from one set of inputs."""
+    spec = OpSpec("backward", 3, 5, 4, layout=layout, bias=bias, weight_layout=weight_layout)
+    lay = spec.layout_def
+    tensors, outs = spec.op_def.operands(spec, lay, 7, torch.float32)
+    assert outs == [3, 4, 5] if bias else [3, 4]
+    grad_y, x, weight = tensors[:3]
+    fused = spec.op_def.reference_outputs(spec, lay, tensors)
+    gi = OpSpec("grad_input", 3, 5, 4, layout=layout, weight_layout=weight_layout)
+    gw = OpSpec("grad_weight", 3, 5, 4, layout=layout, bias=bias, weight_layout=weight_layout)
+    separate = gi.op_def.reference_outputs(gi, lay, [grad_y, weight, None])
+    separate += gw.op_def.reference_outputs(gw, lay, [grad_y, x] + [None] * (len(outs) - 1))
+    assert len(fused) == len(separate) == len(outs)
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b)
+    assert spec.op_def.depth(spec, 7) == 7 and spec.op_def.depth(spec, 2) == 4

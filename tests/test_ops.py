@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tvmgroup import GroupedLinear
-from tvmgroup.ops import grad_input_op, grad_weight_op, grouped_linear_op
+from tvmgroup.ops import backward_op, grad_input_op, grad_weight_op, grouped_linear_op
 
 G, K, O = 3, 5, 4
 
@@ -104,6 +104,8 @@ def test_fake_tensor_shapes():
         assert grad_input_op(torch.randn(4, G * O, 9), w, "conv").shape == (4, G * K, 9)
         gw, gb = grad_weight_op(torch.randn(6, G * O), torch.randn(6, G * K), w, False, "last")
         assert gw.shape == (G, O, K) and gb.shape == (0,)
+        gx, gw, gb = backward_op(torch.randn(G, 6, O), torch.randn(G, 6, K), w.transpose(1, 2), True, "ensemble", "in_out")
+        assert gx.shape == (G, 6, K) and gw.shape == (G, K, O) and gb.shape == (G, O)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,3 +240,121 @@ def test_torch_export_ensemble_with_a_dynamic_batch():
     exported = torch.export.export(layer, (torch.randn(G, 9, K),), dynamic_shapes={"x": {1: batch}})
     x = torch.randn(G, 31, K)
     torch.testing.assert_close(exported.module()(x), layer(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused backward: which ops a backward pass runs, and its numerics
+
+
+@pytest.fixture
+def ran_ops(monkeypatch) -> list[str]:
+    """The ops whose kernels run, in order (every kernel call goes through ``ops._run``)."""
+    from tvmgroup import ops
+
+    calls: list[str] = []
+    run = ops._run
+    monkeypatch.setattr(ops, "_run", lambda op, *args: (calls.append(op), run(op, *args))[1])
+    return calls
+
+
+_X_SHAPES = {"last": (7, G * K), "conv": (2, G * K, 6), "ensemble": (G, 7, K), "shared": (7, K)}
+
+
+def _backward_ops(layout: str, needs: tuple[bool, bool, bool], calls: list[str], **kwargs) -> list[str]:
+    layer = GroupedLinear(G, K, O, layout=layout, **kwargs)
+    x = torch.randn(_X_SHAPES[layout], requires_grad=needs[0])
+    layer.weight.requires_grad_(needs[1])
+    layer.bias.requires_grad_(needs[2])
+    y = layer(x)
+    del calls[:]
+    y.backward(torch.randn_like(y))
+    return list(calls)
+
+
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble", "shared"])
+def test_eager_backward_runs_the_fused_op_where_x_and_a_parameter_need_gradients(layout, ran_ops):
+    assert _backward_ops(layout, (True, True, True), ran_ops) == ["backward"]
+    assert _backward_ops(layout, (True, True, False), ran_ops) == ["backward"]
+    assert _backward_ops(layout, (True, False, True), ran_ops) == ["backward"]
+    assert _backward_ops(layout, (True, False, False), ran_ops) == ["grad_input"]
+    assert _backward_ops(layout, (False, True, True), ran_ops) == ["grad_weight"]
+    assert _backward_ops(layout, (False, False, True), ran_ops) == ["grad_weight"]
+
+
+def test_fused_backward_flag_runs_the_two_ops(ran_ops, monkeypatch):
+    from tvmgroup import ops
+
+    monkeypatch.setattr(ops, "FUSED_BACKWARD", False)
+    assert _backward_ops("last", (True, True, True), ran_ops) == ["grad_input", "grad_weight"]
+
+
+def test_a_layout_without_a_fused_schedule_runs_the_two_ops(ran_ops, monkeypatch):
+    """Support is what the template declares (schedules.EXTRA_OPS): a layout it does not
+    name, as a newly added layout would be, falls back to grad_input and grad_weight."""
+    from tvmgroup import ops, schedules
+
+    monkeypatch.setitem(schedules.EXTRA_OPS["llvm"], "backward", frozenset({"last", "ensemble"}))
+    monkeypatch.setattr(ops, "_fuses", {})
+    assert _backward_ops("conv", (True, True, True), ran_ops) == ["grad_input", "grad_weight"]
+    assert _backward_ops("last", (True, True, True), ran_ops) == ["backward"]
+    ops._fuses.clear()
+
+
+def test_cuda_backward_runs_the_two_ops():
+    """The CUDA family has no fused backward: the decision reads the family's template (no
+    GPU needed to see which functions the pass calls)."""
+    from tvmgroup import ops
+
+    assert not ops.fuses_backward("cuda", "last") and ops.fuses_backward("cpu", "last")
+
+    class OnCuda:
+        device = torch.device("cuda")
+
+    called = []
+    outs = {"grad_input": "gx", "grad_weight": ("gw", torch.zeros(G, O)), "backward": ("gx", "gw", torch.zeros(G, O))}
+    fns = [lambda *a, name=name: called.append(name) or outs[name] for name in outs]
+    saved = (torch.empty(0), torch.empty(G, O, K))
+    grads = ops._backward_pass(saved, (True, True, True), "last", True, OnCuda(), *fns[:2], "out_in", (G, O), fns[2])
+    assert called == ["grad_input", "grad_weight"] and grads[:2] == ("gx", "gw")
+    called.clear()
+    ops._backward_pass(saved, (True, True, True), "last", True, torch.empty(0), *fns[:2], "out_in", (G, O), fns[2])
+    assert called == ["backward"]  # the same call on a CPU tensor fuses
+
+
+@pytest.mark.parametrize("rows", [1, 13, 97, 256])
+@pytest.mark.parametrize("weight_layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble", "shared"])
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_fused_backward_matches_float64(path, layout, bias, weight_layout, rows, ran_ops, ref_grads, close):
+    """Gradients from the fused op (eager path, and the registered op's autograd) against
+    float64, at row counts that are not multiples of the row tile."""
+    from tvmgroup.layouts import SHARED_INPUT_KERNELS
+    from tvmgroup.weights import as_out_in, weight_shape
+
+    shape = {"last": (rows, G * K), "conv": (2, G * K, rows), "ensemble": (G, rows, K), "shared": (rows, K)}[layout]
+    x = torch.randn(shape, requires_grad=True)
+    weight = torch.randn(weight_shape(G, K, O, weight_layout), requires_grad=True)
+    b = torch.randn(G, O, requires_grad=True) if bias else None
+    if path == "eager":
+        from tvmgroup import grouped_linear
+
+        y = grouped_linear(x, weight, b, layout=layout, weight_layout=weight_layout)
+    else:
+        kernel_layout = SHARED_INPUT_KERNELS if layout == "shared" else layout
+        xk = x.expand(G, *x.shape) if layout == "shared" else x
+        y = grouped_linear_op(xk, weight, b, kernel_layout, weight_layout)
+    grad_y = torch.randn_like(y)
+    del ran_ops[:]
+    y.backward(grad_y)
+    assert ran_ops == ["backward"]
+    if layout == "shared":  # the reference on the expanded input; grad_x is summed over the groups
+        expect = ref_grads(x.detach().expand(G, *x.shape), as_out_in(weight.detach(), weight_layout), b, grad_y, "ensemble")
+        value, mag, depth = expect["x"]
+        expect["x"] = (value.sum(0), mag.sum(0), depth * G)
+    else:
+        expect = ref_grads(x.detach(), as_out_in(weight.detach(), weight_layout), b, grad_y, layout)
+    close(x.grad, *expect["x"], what="grad_x")
+    close(as_out_in(weight.grad, weight_layout), *expect["weight"], what="grad_weight")
+    if bias:
+        close(b.grad, *expect["bias"], what="grad_bias")

@@ -49,9 +49,8 @@ def test_after_prebuild_a_step_compiles_nothing_and_is_right(home, monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(6, 12), GroupedLinear(3, 4, 4), torch.nn.Tanh(), GroupedLinear(2, 6, 5))
     x = torch.randn(9, 6)
     built = prebuild(model, x)
-    assert {(b.spec.op, b.spec.groups) for b in built} == {
-        (op, g) for op in ("forward", "grad_input", "grad_weight") for g in (3, 2)
-    }
+    # Both layers' inputs and parameters need gradients: the fused backward.
+    assert {(b.spec.op, b.spec.groups) for b in built} == {(op, g) for op in ("forward", "backward") for g in (3, 2)}
     assert all(b.origin == "default" for b in built)
     KERNELS.clear()  # as in a new process: only the disk cache is left
     lookup.forget()
@@ -95,10 +94,10 @@ def test_prebuild_command_then_a_new_process(home, tmp_path, capsys):
     models.write_text(MODEL)
     assert cli.main(["prebuild", "--model", f"{models}:make"]) == 0
     out = capsys.readouterr().out
-    assert "6 op shapes" in out and "6 kernels ready" in out and "grad_weight-last-g2-k6-o5-float32-bias" in out
+    assert "4 op shapes" in out and "4 kernels ready" in out and "backward-last-g2-k6-o5-float32-bias" in out
     assert cli.main(["cache"]) == 0
     listing = capsys.readouterr().out
-    assert listing.count(" ok ") == 6 and "6 kernels" in listing
+    assert listing.count(" ok ") == 4 and "4 kernels" in listing
     # A new process trains a step; were anything compiled there, the cache would grow.
     before = sorted(p.name for p in (home / "kernels").rglob("*.so"))
     code = (

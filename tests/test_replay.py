@@ -18,7 +18,7 @@ from tvm import s_tir
 from tvmgroup.compute import LAYOUTS, OPS, OpSpec, ir_module
 from tvmgroup.lookup import TuningLogWarning
 from tvmgroup.paths import user_logs_dir
-from tvmgroup.schedules import SampledKnobs, template_for
+from tvmgroup.schedules import SampledKnobs, supports, template_for
 from tvmgroup.schedules.knobs import (
     POSTPROC_INSTRUCTIONS,
     TEMPLATE_ANNOTATIONS,
@@ -198,6 +198,8 @@ def test_a_hostile_record_that_is_not_the_best_still_refuses_the_log():
 
 def _template_traces(target_kind: str, dtypes, shapes):
     for op, layout, bias, dtype, (g, k, o) in itertools.product(OPS, LAYOUTS, (True, False), dtypes, shapes):
+        if not supports(target_kind, op, layout):
+            continue
         spec = OpSpec(op, g, k, o, dtype, layout, bias)
         sch = s_tir.Schedule(ir_module(spec, 256), seed=1)
         template_for(target_kind)(sch, op, layout, bias, SampledKnobs())

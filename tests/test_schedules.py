@@ -12,7 +12,7 @@ import tvm_ffi
 from tvm import s_tir
 
 from tvmgroup.compute import LAYOUTS, OPS, OpSpec, ir_module
-from tvmgroup.schedules import ROW_TILE_KEY, DefaultKnobs, row_tile_of, template_for
+from tvmgroup.schedules import ROW_TILE_KEY, SINGLE_OPS, DefaultKnobs, row_tile_of, supports, template_for
 from tvmgroup.target import cuda_target
 
 G, K, O = 3, 5, 4
@@ -92,7 +92,7 @@ _KERNEL_NAME = re.compile(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", SINGLE_OPS)
 def test_cuda_module_builds_with_nvcc_for_every_arch(op, layout, monkeypatch):
     """tvm.compile emits a CUDA import holding the kernel source; nvcc compiles it per arch.
 
@@ -120,9 +120,56 @@ def test_cuda_module_builds_with_nvcc_for_every_arch(op, layout, monkeypatch):
         assert len(binary) > 1000
 
 
+def test_cuda_templates_have_no_fused_backward():
+    """The fused backward is a CPU schedule: the CUDA family says so, and its template refuses it."""
+    assert all(supports("llvm", "backward", layout) for layout in LAYOUTS)
+    assert not any(supports("cuda", "backward", layout) for layout in LAYOUTS)
+    assert all(supports(kind, op, layout) for kind in ("llvm", "cuda") for op in SINGLE_OPS for layout in LAYOUTS)
+    with pytest.raises(ValueError, match="no fused backward"):
+        _scheduled("cuda", "backward", "last")
+
+
+def test_a_layout_the_cpu_template_does_not_name_has_no_fused_backward():
+    """A layout added without a fused-backward schedule is unsupported (callers fall back to
+    the single ops), and the template refuses it instead of scheduling it wrongly."""
+    assert not supports("llvm", "backward", "some_new_layout")
+    assert supports("llvm", "forward", "some_new_layout")
+    assert not supports("rocm", "forward", "last")
+    sch = s_tir.Schedule(ir_module(OpSpec("backward", G, K, O)))
+    with pytest.raises(ValueError, match="no fused backward for layout 'some_new_layout'"):
+        template_for("llvm")(sch, "backward", "some_new_layout", True, DefaultKnobs())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("tail", [False, True])
+def test_fused_backward_is_each_part_scheduled_as_its_op(layout, bias, tail):
+    """The fused backward's blocks are grad_input's and grad_weight's, each under the loops
+    (kinds and extents) its op's schedule gives it, in one PrimFunc; its row tile is the
+    larger of theirs."""
+    fused = _scheduled("llvm", "backward", layout, bias, tail)
+    parts = [_scheduled("llvm", op, layout, bias, tail) for op in ("grad_input", "grad_weight")]
+    expected = {}
+    for part in parts:
+        expected.update(_block_loops(part))
+    assert _block_loops(fused) == expected
+    assert row_tile_of(fused.mod) == max(row_tile_of(p.mod) for p in parts)
+
+
+def _block_loops(sch: s_tir.Schedule) -> dict[str, list[tuple[str, str]]]:
+    """Every block's enclosing loops as (kind, extent), by block name."""
+    out, pending = {}, list(sch.get_child_blocks(sch.get_sblock("root")))
+    while pending:
+        block = pending.pop()
+        loops = [sch.get(l) for l in sch.get_loops(block)]
+        out[sch.get(block).name_hint] = [(str(l.kind), str(l.extent)) for l in loops]
+        pending.extend(sch.get_child_blocks(block))
+    return out
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", SINGLE_OPS)
 def test_cuda_half_types_build_with_nvcc_on_tensor_cores(op, layout, dtype, monkeypatch):
     monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")
     compile_cuda = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
@@ -140,7 +187,7 @@ def test_cuda_half_types_build_with_nvcc_on_tensor_cores(op, layout, dtype, monk
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", SINGLE_OPS)
 def test_cuda_builds_with_an_in_out_weight(op, layout, dtype, monkeypatch):
     """A (G, K, O) weight: SIMT (float32) and tensor-core (float16) kernels build with nvcc."""
     monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")

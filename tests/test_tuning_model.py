@@ -53,8 +53,9 @@ def test_plan_tunes_each_distinct_op_shape_once_at_its_largest_rows(tmp_path):
     shapes = op_shapes(find_layers(Net(), torch.randn(300, 8)))
     requests = plan(shapes, None, 8, tmp_path)
     got = sorted((req.spec.op, req.rows) for _, req in requests)
-    # One spec for a, b and the short call; rows 300 rounded up to 512.
-    assert got == [("forward", 512), ("grad_input", 512), ("grad_weight", 512)]
+    # One spec for a, b and the short call; rows 300 rounded up to 512. a's input needs no
+    # gradient (grad_weight), b's does (the fused backward).
+    assert got == [("backward", 512), ("forward", 512), ("grad_weight", 512)]
     assert all(req.target == cpu_target() and req.trials == 8 for _, req in requests)
 
 
@@ -70,8 +71,8 @@ def test_tune_model_runs_every_request_under_one_bar(tmp_path, fake_tune):
     done = []
     results = tune_model(model, torch.randn(7, 8), trials=5, root=tmp_path, progress=False,
                          on_done=done.append, seed=3)
-    assert len(results) == len(done) == len(fake_tune) == 5  # forward x2, grad_weight x2, grad_input x1
-    assert {r.spec for r in fake_tune} >= {OpSpec("forward", 2, 4, 3), OpSpec("grad_input", 2, 4, 3)}
+    assert len(results) == len(done) == len(fake_tune) == 4  # forward x2, grad_weight, backward (fused)
+    assert {r.spec for r in fake_tune} >= {OpSpec("forward", 2, 4, 3), OpSpec("backward", 2, 4, 3)}
     assert all(r.seed == 3 and r.rows == 256 for r in fake_tune)
 
 
@@ -80,7 +81,7 @@ def test_tune_model_command(tmp_path, fake_tune, capsys):
     models.write_text(MODEL)
     assert cli.main(["tune", "--model", f"{models}:make", "--trials", "4", "--quiet", "--output", str(tmp_path / "logs")]) == 0
     out = capsys.readouterr().out
-    assert "6 op shapes done" in out
+    assert "5 op shapes done" in out  # forward x2, grad_weight, backward x2
     assert "forward-last-g2-k4-o3-float32-bias: 4 trials (4 new)" in out
     assert {r.rows for r in fake_tune} == {512} and {r.keep for r in fake_tune} == {8}
     assert cli.main(["tune", "--model", f"{models}:make", "--inference", "--quiet"]) == 0

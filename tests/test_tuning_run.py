@@ -224,8 +224,10 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys):
 
 
 def test_bad_arguments_name_what_was_expected(capsys):
-    assert cli.main(["tune", *SHAPE, "--ops", "forward,backward"]) == 2
-    assert "--ops must be a comma-separated subset of forward,grad_input,grad_weight" in capsys.readouterr().err
+    assert cli.main(["tune", *SHAPE, "--ops", "forward,grad_bias"]) == 2
+    assert "--ops must be a comma-separated subset of forward,grad_input,grad_weight,backward" in capsys.readouterr().err
+    assert cli.main(["tune", *SHAPE, "--ops", "backward", "--target", "cuda:sm_90"]) == 2
+    assert "--ops backward: the cuda template does not schedule it on layout 'last'" in capsys.readouterr().err
     for option, value in (("--trials", "0"), ("--keep", "0"), ("--rows", "-4")):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["tune", *SHAPE, option, value])
@@ -250,3 +252,28 @@ def test_prune_keeps_the_best_records(tmp_path):
     assert sorted(s[0] for s in secs) == pytest.approx([1e-5, 2e-5])
     (log,) = find_logs(tmp_path)
     assert log.trials == 4  # the trial count survives pruning, so a rerun does not redo them
+
+
+def test_tune_the_fused_backward(tmp_path):
+    """A tiny real run of the fused backward; the log then serves it, checked against float64."""
+    home = tmp_path / "home"
+    done = tvmgroup_cli(home, "tune", *SHAPE, "--ops", "backward", "--rows", "256", "--trials", "3", "--seed", "0", "--quiet")
+    assert done.returncode == 0, done.stderr
+    spec = OpSpec("backward", 2, 8, 8)
+    assert f"{spec.key}: 3 trials (3 new)" in done.stdout
+    env = dict(os.environ, TVMGROUP_HOME=str(home), PYTHONWARNINGS="error::UserWarning")
+    check = subprocess.run(
+        [sys.executable, "-c", "import tvmgroup; from tvmgroup import lookup, check; from tvmgroup.compute import OpSpec; "
+         "from tvmgroup.target import cpu_target; k = lookup.kernel_for(OpSpec('backward', 2, 8, 8), cpu_target()); "
+         "check.check_kernel(k, seed=4); print(k.choice.origin)"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert check.stdout.strip() == "user", check.stderr
+
+
+def test_default_ops_are_those_the_template_schedules():
+    from tvmgroup.commands.tune import _ops
+    from tvmgroup.target import FAMILIES
+
+    assert _ops(None, FAMILIES["llvm"], "conv") == ["forward", "grad_input", "grad_weight", "backward"]
+    assert _ops(None, FAMILIES["cuda"], "last") == ["forward", "grad_input", "grad_weight"]

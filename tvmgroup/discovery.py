@@ -8,8 +8,9 @@ model that cannot run on fake tensors (data-dependent control flow, ``.item()``)
 real instead, once, which compiles its forward kernels as its first real call would.
 
 From the calls, :func:`op_shapes` derives the ops a training step runs: ``forward`` always,
-``grad_input`` where the layer's input requires grad, ``grad_weight`` where its parameters
-do. :mod:`tvmgroup.prebuild` compiles their kernels; ``tvmgroup tune --model`` tunes them.
+``backward`` (the fused one) where the layer's input and its parameters require grad and the
+device and layout have it (:func:`tvmgroup.ops.fuses_backward`), else ``grad_input`` where
+the input requires grad and ``grad_weight`` where the parameters do. :mod:`tvmgroup.prebuild` compiles their kernels; ``tvmgroup tune --model`` tunes them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch.utils import _pytree as pytree
 from tvmgroup.compute import OpSpec
 from tvmgroup.layer import GroupedLinear
 from tvmgroup.layouts import SHARED_INPUT, SHARED_INPUT_KERNELS
+from tvmgroup.ops import fuses_backward
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +139,15 @@ def op_shapes(calls: Sequence[LayerCall], *, backward: bool = True) -> list[OpSh
         if call.rows == 0:
             continue
         add("forward", call, call.bias)
-        if backward and call.input_requires_grad:
+        if not backward:
+            continue
+        kernel_layout = SHARED_INPUT_KERNELS if call.layout == SHARED_INPUT else call.layout
+        if call.input_requires_grad and call.weight_requires_grad and fuses_backward(call.device, kernel_layout):
+            add("backward", call, call.bias)  # what the backward pass runs then (tvmgroup.ops)
+            continue
+        if call.input_requires_grad:
             add("grad_input", call, False)
-        if backward and call.weight_requires_grad:
+        if call.weight_requires_grad:
             add("grad_weight", call, call.bias)
     return [OpShape(spec, device, tuple(sorted(rows)), tuple(names)) for (spec, device), (rows, names) in found.items()]
 

@@ -8,8 +8,9 @@ the kernels' row splitting (:mod:`tvmgroup.kernel`), the first-use check
 descriptor in :data:`OP_DEFS` plus its schedule in each template.
 
 Argument order of the kernels: forward ``(x, weight[, bias], y)``; grad_input ``(grad_y,
-weight, grad_x)``; grad_weight ``(grad_y, x, grad_weight[, grad_bias])``. Row-indexed tensors
-are in the kernel view of the layout (:meth:`~tvmgroup.layouts.Layout.kernel_view`).
+weight, grad_x)``; grad_weight ``(grad_y, x, grad_weight[, grad_bias])``; backward (both
+gradient ops in one kernel) ``(grad_y, x, weight, grad_x, grad_weight[, grad_bias])``.
+Row-indexed tensors are in the kernel view of the layout (:meth:`~tvmgroup.layouts.Layout.kernel_view`).
 """
 
 from __future__ import annotations
@@ -175,9 +176,15 @@ def _forward_reference(layout: Layout, inputs, with_bias: bool):
 
 
 def _grad_input(spec: "OpSpec", layout: Layout, dims: list):
-    g_, k_, o_ = spec.groups, spec.in_features, spec.out_features
+    g_, o_ = spec.groups, spec.out_features
     dy = te.placeholder(layout.shape(dims, g_, o_), spec.dtype, name="grad_y")
     w, w_elem = _weight(spec)
+    return [dy, w, _grad_x(spec, layout, dims, dy, w_elem)]
+
+
+def _grad_x(spec: "OpSpec", layout: Layout, dims: list, dy: te.Tensor, w_elem: Callable) -> te.Tensor:
+    """grad_x (as stored) from the placeholders ``dy`` and the weight's element ``w_elem``."""
+    g_, k_, o_ = spec.groups, spec.in_features, spec.out_features
     o = te.reduce_axis((0, o_), name="o")
     if not layout.rows_innermost and spec.weight_layout == "in_out":
         # Packed so the innermost (vectorised) axis, K, reads the weight contiguously.
@@ -188,8 +195,7 @@ def _grad_input(spec: "OpSpec", layout: Layout, dims: list):
         row, g, k = layout.split(idx)
         return te.sum(_mul(dy[layout.index(row, g, o)], w_elem(g, o, k)), axis=o)
 
-    dx = _stored(te.compute(layout.shape(dims, g_, k_), body, name="grad_x"), spec.dtype)
-    return [dy, w, dx]
+    return _stored(te.compute(layout.shape(dims, g_, k_), body, name="grad_x"), spec.dtype)
 
 
 def _grad_input_reference(layout: Layout, inputs, with_bias: bool):
@@ -204,6 +210,12 @@ def _grad_weight(spec: "OpSpec", layout: Layout, dims: list):
     g_, k_, o_ = spec.groups, spec.in_features, spec.out_features
     dy = te.placeholder(layout.shape(dims, g_, o_), spec.dtype, name="grad_y")
     x = te.placeholder(layout.shape(dims, g_, k_), spec.dtype, name="x")
+    return [dy, x] + _grad_weight_and_bias(spec, layout, dims, dy, x)
+
+
+def _grad_weight_and_bias(spec: "OpSpec", layout: Layout, dims: list, dy: te.Tensor, x: te.Tensor) -> list:
+    """[grad_weight (stored as the weight is), grad_bias if the op has a bias] from ``dy``, ``x``."""
+    g_, k_, o_ = spec.groups, spec.in_features, spec.out_features
     r = _reduce_axes(dims)
     row = tuple(r)
 
@@ -222,13 +234,30 @@ def _grad_weight(spec: "OpSpec", layout: Layout, dims: list):
             (g_, o_), lambda g, o: te.sum(_widen(dy[layout.index(rowb, g, o)]), axis=rb), name="grad_bias"
         )
         outs.append(_stored(db, spec.dtype))
-    return [dy, x] + outs
+    return outs
 
 
 def _grad_weight_reference(layout: Layout, inputs, with_bias: bool):
     dy, x = inputs
     dw = torch.einsum(f"{layout.einsum('o')},{layout.einsum('k')}->gok", dy, x)
     return [dw, dy.sum(dim=layout.row_sum_dims)] if with_bias else [dw]
+
+
+# -- backward: grad_input and grad_weight in one kernel, grad_y read by both ----------------------
+
+
+def _backward(spec: "OpSpec", layout: Layout, dims: list):
+    g_, k_, o_ = spec.groups, spec.in_features, spec.out_features
+    dy = te.placeholder(layout.shape(dims, g_, o_), spec.dtype, name="grad_y")
+    x = te.placeholder(layout.shape(dims, g_, k_), spec.dtype, name="x")
+    w, w_elem = _weight(spec)
+    dx = _grad_x(spec, layout, dims, dy, w_elem)
+    return [dy, x, w, dx] + _grad_weight_and_bias(spec, layout, dims, dy, x)
+
+
+def _backward_reference(layout: Layout, inputs, with_bias: bool):
+    dy, x, w = inputs
+    return _grad_input_reference(layout, [dy, w], False) + _grad_weight_reference(layout, [dy, x], with_bias)
 
 
 OP_DEFS: dict[str, OpDef] = {
@@ -255,6 +284,15 @@ OP_DEFS: dict[str, OpDef] = {
              Arg("grad_bias", "bias", output=True, with_bias_only=True)),
             _grad_weight, _grad_weight_reference,
             depth=lambda spec, rows: rows,
+        ),
+        OpDef(
+            "backward",
+            (Arg("grad_y", "rows", features="out"), Arg("x", "rows", features="in"), Arg("weight", "weight"),
+             Arg("grad_x", "rows", output=True, features="in"), Arg("grad_weight", "weight", output=True),
+             Arg("grad_bias", "bias", output=True, with_bias_only=True)),
+            _backward, _backward_reference,
+            # One bound for every output: grad_x sums O terms, grad_weight and grad_bias the rows.
+            depth=lambda spec, rows: max(spec.out_features, rows),
         ),
     )
 }

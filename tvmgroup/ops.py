@@ -1,12 +1,16 @@
-"""The op and its two backward passes: plain implementations, custom ops, eager autograd.
+"""The op and its backward passes: plain implementations, custom ops, eager autograd.
 
-* ``forward``, ``grad_input``, ``grad_weight``: the implementations. They view the user's
-  tensors in kernel layout (no copies for contiguous inputs) and call the TVM kernel chosen
-  by :func:`tvmgroup.lookup.kernel_for_call`. They do not check their inputs.
+* ``forward``, ``grad_input``, ``grad_weight``, ``backward`` (the last two in one kernel,
+  where the device's template has it: :func:`fuses_backward`): the implementations. They
+  view the user's tensors in kernel layout (no copies for contiguous inputs) and call the
+  TVM kernel chosen by :func:`tvmgroup.lookup.kernel_for_call`. They do not check their
+  inputs.
 * ``tvmgroup::grouped_linear`` and its backward ops: ``torch.library.custom_op`` s with fakes
   and ``register_autograd``, so the op works under ``torch.compile(fullgraph=True)``,
   ``torch.export``, dispatch modes and function transforms. The backward ops have autograd
   too (their derivatives are calls of the same three ops), so gradients of gradients work.
+  The backward of the op runs ``tvmgroup::grouped_linear_backward`` (one kernel) where x
+  and the weight or bias need gradients and :func:`fuses_backward` says so.
 * :class:`EagerGroupedLinear`: the same autograd as a ``torch.autograd.Function`` on the
   implementations, for plain eager calls, where custom-op dispatch would cost more than a
   small layer's work. :func:`tvmgroup.functional.grouped_linear` picks between the two.
@@ -14,6 +18,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -22,6 +27,7 @@ from torch import Tensor
 from tvmgroup.kernel import Kernel
 from tvmgroup.layouts import layout_of
 from tvmgroup.lookup import kernel_for_call
+from tvmgroup.target import family_for_device
 from tvmgroup.validation import check_input
 from tvmgroup.weights import bias_as_grouped, weight_dims, weight_shape
 
@@ -107,19 +113,68 @@ def grad_weight(
     return grad_w, grad_b
 
 
+def backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str, weight_layout: str = "out_in"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias) in one kernel call: :func:`grad_input` and
+    :func:`grad_weight` fused (one lookup, one launch), grad_y read by both. grad_bias is
+    empty when ``with_bias`` is False. Only where :func:`fuses_backward` says so."""
+    lay = layout_of(layout)
+    groups, in_features, out_features = weight_dims(weight.shape, weight_layout)
+    grad_x = grad_y.new_empty(lay.out_shape(grad_y, groups, in_features))
+    grad_w = weight.new_empty(weight_shape(groups, in_features, out_features, weight_layout))
+    grad_b = weight.new_empty((groups, out_features) if with_bias else (0,))
+    if grad_y.numel() == 0:
+        return grad_x, grad_w.zero_(), grad_b.zero_()
+    args = [
+        _aligned(lay.kernel_view(grad_y, groups, out_features)), _aligned(lay.kernel_view(x, groups, in_features)),
+        _aligned(weight.contiguous()), lay.kernel_view(grad_x, groups, in_features), grad_w,
+    ]
+    if with_bias:
+        args.append(grad_b)
+    rows = grad_y.numel() // (groups * out_features)
+    _run("backward", weight, layout, with_bias, rows, weight_layout, *args)
+    return grad_x, grad_w, grad_b
+
+
+# Whether backward passes may run the fused op; False runs grad_input and grad_weight (set
+# TVMGROUP_FUSED_BACKWARD=0 before import, or this flag, to compare the two).
+FUSED_BACKWARD = os.environ.get("TVMGROUP_FUSED_BACKWARD", "1") != "0"
+_fuses: dict[tuple[str, str], bool] = {}
+
+
+def fuses_backward(device_type: str, layout: str) -> bool:
+    """Whether a backward pass on ``device_type`` tensors in kernel layout ``layout`` runs the
+    fused op: the device's template schedules it on that layout (the CPU template on the
+    layouts it names; not CUDA), and :data:`FUSED_BACKWARD` is on."""
+    fuses = _fuses.get((device_type, layout))
+    if fuses is None:
+        fuses = family_for_device(device_type).supports("backward", layout)
+        _fuses[(device_type, layout)] = fuses
+    return fuses and FUSED_BACKWARD
+
+
 def _backward_pass(
     saved, needs_input_grad, layout: str, with_bias: bool, grad_y: Tensor, grad_input_fn, grad_weight_fn,
-    weight_layout: str = "out_in", bias_shape: Optional[tuple] = None,
+    weight_layout: str = "out_in", bias_shape: Optional[tuple] = None, backward_fn=None,
 ):
+    """The gradients of x, weight and bias: one fused call (``backward_fn``) where x and the
+    weight or bias all need one and the device and layout have it, else grad_input and
+    grad_weight as needed."""
     x, weight = saved
     need_x, need_w, need_b = needs_input_grad[:3]
+    need_b = need_b and with_bias
     grad_x = grad_w = grad_b = None
-    if need_x:
-        grad_x = grad_input_fn(grad_y, weight, layout, weight_layout)
+    if need_x and (need_w or need_b) and backward_fn is not None and fuses_backward(grad_y.device.type, layout):
+        grad_x, gw, gb = backward_fn(grad_y, x, weight, need_b, layout, weight_layout)
+    else:
+        if need_x:
+            grad_x = grad_input_fn(grad_y, weight, layout, weight_layout)
+        if need_w or need_b:
+            gw, gb = grad_weight_fn(grad_y, x, weight, need_b, layout, weight_layout)
     if need_w or need_b:
-        gw, gb = grad_weight_fn(grad_y, x, weight, with_bias and need_b, layout, weight_layout)
         grad_w = gw if need_w else None
-        grad_b = gb.view(bias_shape) if (need_b and with_bias) else None  # the bias's own shape
+        grad_b = gb.view(bias_shape) if need_b else None  # the bias's own shape
     return grad_x, grad_w, grad_b, None, None
 
 
@@ -164,6 +219,30 @@ def _grad_weight_backward(
     if need_x and u is not None:
         d_x = grad_input_fn(grad_y, u, layout, weight_layout)
     return d_grad_y, d_x, None, None, None, None
+
+
+def _fused_backward_backward(
+    saved, needs_input_grad, layout: str, weight_layout: str, with_bias: bool, v: Optional[Tensor],
+    u: Optional[Tensor], c: Optional[Tensor], forward_fn, grad_input_fn, grad_weight_fn,
+):
+    """Gradients of (grad_x, grad_W, grad_b) = backward(grad_y, x, W) for upstreams ``v``
+    (like grad_x), ``u`` (like grad_W) and ``c`` (like grad_b): the sums of grad_input's and
+    grad_weight's (see :func:`_grad_input_backward`, :func:`_grad_weight_backward`)."""
+    grad_y, x, weight = saved
+    need_grad_y, need_x, need_w = needs_input_grad[:3]
+    d_grad_y = []
+    d_x = d_w = None
+    if v is not None:
+        dgy, d_w, _, _ = _grad_input_backward(
+            (grad_y, weight), (need_grad_y, need_w), layout, weight_layout, v, forward_fn, grad_weight_fn
+        )
+        d_grad_y.append(dgy)
+    dgy, d_x, *_ = _grad_weight_backward(
+        (grad_y, x, weight), (need_grad_y, need_x), layout, weight_layout, with_bias, u, c, forward_fn, grad_input_fn
+    )
+    d_grad_y.append(dgy)
+    d_grad_y = [t for t in d_grad_y if t is not None]
+    return (_sum(d_grad_y) if d_grad_y else None), d_x, d_w, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +293,24 @@ def _(
     return weight.new_empty(weight.shape), weight.new_empty((groups, out_features) if with_bias else (0,))
 
 
+@torch.library.custom_op("tvmgroup::grouped_linear_backward", mutates_args=())
+def backward_op(
+    grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str, weight_layout: str = "out_in"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad_x, grad_weight, grad_bias) from one kernel; grad_bias is empty when
+    ``with_bias`` is False. Only for devices and layouts :func:`fuses_backward` names."""
+    return backward(grad_y, x, weight, with_bias, layout, weight_layout)
+
+
+@backward_op.register_fake
+def _(
+    grad_y: Tensor, x: Tensor, weight: Tensor, with_bias: bool, layout: str, weight_layout: str = "out_in"
+) -> tuple[Tensor, Tensor, Tensor]:
+    groups, in_features, out_features = weight_dims(weight.shape, weight_layout)
+    grad_x = grad_y.new_empty(layout_of(layout).out_shape(grad_y, groups, in_features))
+    return grad_x, weight.new_empty(weight.shape), weight.new_empty((groups, out_features) if with_bias else (0,))
+
+
 def _weight_layout_of(rest: list) -> str:
     """The trailing ``weight_layout`` argument of a call's inputs (absent: the default)."""
     return rest[0] if rest else "out_in"
@@ -231,7 +328,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_y: Tensor):
     return _backward_pass(
         ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, grad_y, grad_input_op, grad_weight_op,
-        ctx.weight_layout, ctx.bias_shape,
+        ctx.weight_layout, ctx.bias_shape, backward_op,
     )
 
 
@@ -271,6 +368,17 @@ def _grad_weight_op_backward(ctx, u: Optional[Tensor], c: Optional[Tensor]):
 grad_weight_op.register_autograd(_grad_weight_op_backward, setup_context=_grad_weight_setup_context)
 
 
+def _backward_op_backward(ctx, v: Optional[Tensor], u: Optional[Tensor], c: Optional[Tensor]):
+    return _fused_backward_backward(
+        ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.weight_layout, ctx.with_bias, v, u, c,
+        grouped_linear_op, grad_input_op, grad_weight_op,
+    )
+
+
+# The same context as grad_weight's: (grad_y, x, weight), the layouts and with_bias.
+backward_op.register_autograd(_backward_op_backward, setup_context=_grad_weight_setup_context)
+
+
 # ---------------------------------------------------------------------------------------------
 # eager autograd
 
@@ -299,7 +407,7 @@ class EagerGroupedLinear(torch.autograd.Function):
         _, grad_input_fn, grad_weight_fn = _backward_fns(grad_y)
         return _backward_pass(
             ctx.saved_tensors, ctx.needs_input_grad, ctx.layout, ctx.with_bias, grad_y, grad_input_fn, grad_weight_fn,
-            ctx.weight_layout, ctx.bias_shape,
+            ctx.weight_layout, ctx.bias_shape, _fused_backward_fn(grad_y),
         )
 
     @staticmethod
@@ -398,6 +506,17 @@ def _backward_fns(*upstream: Optional[Tensor]):
     return forward, grad_input, grad_weight
 
 
+def _fused_backward_fn(grad_y: Tensor):
+    """The fused backward for :func:`_backward_pass`: the implementation while the pass is
+    not recorded, the registered op (differentiable) for legacy batched upstreams; None
+    (grad_input and grad_weight, whose Functions have jvp and vmap rules) while recorded."""
+    if torch._C._functorch.is_legacy_batchedtensor(grad_y):
+        return backward_op
+    if _recording():
+        return None
+    return backward
+
+
 def _sum(terms: list):
     return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
@@ -494,4 +613,7 @@ class _GradWeight(torch.autograd.Function):
         return tuple(torch.stack(parts) for parts in zip(*outs)), (0, 0)
 
 
-__all__ = ["grouped_linear_op", "grad_input_op", "grad_weight_op", "EagerGroupedLinear", "EagerBackward", "forward", "grad_input", "grad_weight"]
+__all__ = [
+    "grouped_linear_op", "grad_input_op", "grad_weight_op", "backward_op", "EagerGroupedLinear", "EagerBackward",
+    "forward", "grad_input", "grad_weight", "backward", "fuses_backward", "FUSED_BACKWARD",
+]

@@ -162,6 +162,13 @@ class TargetFamily:
 
         return template_for(self.kind)
 
+    def supports(self, op: str, layout: str) -> bool:
+        """Whether this family's template schedules ``op`` on kernel layout ``layout`` (every
+        family has the single ops; the fused backward is the CPU template's)."""
+        from tvmgroup.schedules import supports
+
+        return supports(self.kind, op, layout)
+
     def cli_word(self, target: tvm.target.Target) -> str:
         """The ``--target`` word that makes ``target``."""
         if self.key_attr == "mcpu":

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tune",
         help="tune the ops of one shape with MetaSchedule and save the log",
-        description="Tunes forward/grad_input/grad_weight for one shape (--groups, --in-features, "
+        description="Tunes forward/grad_input/grad_weight/backward (the fused backward) for one shape (--groups, --in-features, "
         "--out-features), or every op shape of a model (--model). Running the same command again "
         "resumes: only the trials missing from the logs are measured. With --rpc-tracker, candidates "
         "are built here and measured on the RPC servers registered under --rpc-key.",
@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-layout", choices=tuple(WEIGHT_LAYOUTS), default="out_in",
                    help="how the weight is stored: out_in (G, O, K) or in_out (G, K, O) (default out_in)")
     p.add_argument("--no-bias", dest="bias", action="store_false", help="the layer has no bias")
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops (default {','.join(OPS)})")
+    p.add_argument("--ops", default=None,
+                   help=f"comma-separated ops among {','.join(OPS)} (default: every op the target's template "
+                        "schedules on the layout; CUDA has no fused backward)")
     p.add_argument("--target", default=None,
                    help="'llvm' (this CPU, the default), 'cuda' (this GPU), 'cuda:sm_XX', or a target as JSON "
                         "(the remote device's, with --rpc-tracker: '{\"kind\": \"llvm\", \"mcpu\": \"skylake-avx512\", "
@@ -103,18 +105,27 @@ def _rpc(args: argparse.Namespace):
                      session_timeout_sec=RPC_SESSION_TIMEOUT_S)
 
 
-def _ops(text: str) -> list[str]:
+def _ops(text: str | None, family, layout: str) -> list[str]:
+    """The ops to tune: ``--ops``, or every op ``family``'s template schedules on ``layout``."""
+    if text is None:
+        return [op for op in OPS if family.supports(op, layout)]
     ops = [o.strip() for o in text.split(",") if o.strip()]
     bad = [o for o in ops if o not in OPS]
     if bad or not ops:
         raise ValueError(f"--ops must be a comma-separated subset of {','.join(OPS)}, got {text!r}")
+    missing = [o for o in ops if not family.supports(o, layout)]
+    if missing:
+        raise ValueError(
+            f"--ops {','.join(missing)}: the {family.kind} template does not schedule it on layout {layout!r} "
+            f"(its backward passes run grad_input and grad_weight)"
+        )
     return ops
 
 
 # Options that describe one shape, with their defaults; --model reads all of them from the model.
 _ONE_SHAPE_OPTIONS = {
     "rows": ("--rows", 4096), "dtype": ("--dtype", "float32"), "layout": ("--layout", "last"),
-    "weight_layout": ("--weight-layout", "out_in"), "bias": ("--no-bias", True), "ops": ("--ops", ",".join(OPS)),
+    "weight_layout": ("--weight-layout", "out_in"), "bias": ("--no-bias", True), "ops": ("--ops", None),
 }
 
 
@@ -197,6 +208,7 @@ def _run_shape(args: argparse.Namespace) -> int:
     target = _target(args.target)
     family = family_of(target)
     _check_dtype(family, args.dtype)
+    ops = _ops(args.ops, family, args.layout)
     rpc = _rpc(args)
     rows = tuning_rows(args.rows, target)
     if rows != args.rows:
@@ -207,7 +219,7 @@ def _run_shape(args: argparse.Namespace) -> int:
     where = f", measured on the servers under {args.rpc_key!r}" if rpc else ""
     print(f"tuning for {target_key(target)} at {rows} rows, {args.trials} trials per op, {args.space} space{where} -> {root}")
     start = time.perf_counter()
-    for op in _ops(args.ops):
+    for op in ops:
         spec = OpSpec(
             op, args.groups, args.in_features, args.out_features, args.dtype, args.layout, args.bias,
             args.weight_layout,
