@@ -13,15 +13,18 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from tvmgroup import GroupedLinear
 
 G, K, O, MEMBERS = 3, 4, 5, 4  # 60 weights per member: members' slices are not 64-byte aligned
-LAYOUTS = ["last", "conv"]
+LAYOUTS = ["last", "conv", "groups_last"]
 
 
 def _x_shape(layout: str, features: int) -> tuple[int, ...]:
-    return (6, features) if layout == "last" else (2, features, 5)
+    """x of ``features`` = G * F features in all (its groups first for "groups_last")."""
+    return {"last": (6, features), "conv": (2, features, 5), "groups_last": (6, features // G, G)}[layout]
 
 
 def _linear64(x, weight, bias, layout):
     g, o, k = weight.shape
+    if layout == "groups_last":
+        return torch.einsum("nkg,gok->nog", x, weight) + bias.t()
     if layout == "last":
         y = torch.einsum("ngk,gok->ngo", x.reshape(-1, g, k), weight) + bias
         return y.reshape(*x.shape[:-1], g * o)
