@@ -14,6 +14,10 @@ length loop, so the kernel requires L to be a multiple of the tile and the calle
 other lengths (see :mod:`tvmgroup.kernel`). The tile is recorded on the
 main block as the annotation ``ROW_TILE_KEY``, so a replayed trace carries it too. A
 row count used for tuning must be a multiple of every candidate (``ROW_MULTIPLE``).
+
+Where the groups are innermost (``"groups_last"``, kernel view ``(N, F, G)``) the template
+has a section of its own at the end of this module: vectorised across the groups, or along
+the features on row tiles first copied features innermost (then the micro-kernel above).
 """
 
 from __future__ import annotations

@@ -267,9 +267,10 @@ class GroupsLast(Layout):
     """``(..., K, G) -> (..., O, G)`` (a channels-last series ``(B, L, C)`` with one head per
     channel: K = L, G = C): the kernel sees ``(N, F, G)``, the groups contiguous.
 
-    Schedules vectorise across the groups (:attr:`Layout.groups_innermost`): each lane
-    computes its own group, so x and y are read and written in place, and the weight is read
-    from a copy packed groups innermost.
+    The user's tensors are the kernel's buffers (no copy of a contiguous x). Schedules
+    vectorise across the groups where they fill whole vectors (each lane a group, the weight
+    packed groups innermost), else along the features as for ``"last"``, on row tiles copied
+    features innermost inside the kernel (:func:`tvmgroup.opdefs.vectorises_groups`).
     """
 
     name = "groups_last"
