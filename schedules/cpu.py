@@ -14,12 +14,17 @@ length loop, so the kernel requires L to be a multiple of the tile and the calle
 other lengths (see :mod:`tvmgroup.kernel`). The tile is recorded on the
 main block as the annotation ``ROW_TILE_KEY``, so a replayed trace carries it too. A
 row count used for tuning must be a multiple of every candidate (``ROW_MULTIPLE``).
+
+Where the groups are innermost (``"groups_last"``, kernel view ``(N, F, G)``) the template
+has a section of its own at the end of this module: vectorised across the groups, or along
+the features on row tiles first copied features innermost (then the micro-kernel above).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -28,6 +33,7 @@ from typing import Iterator
 from tvm import s_tir
 
 from tvmgroup.layouts import layout_of
+from tvmgroup.opdefs import GROUPS_PACK, vectorises_groups
 
 from .knobs import Knobs
 from .roles import ROW_TILE_KEY, loop_roles, op_parts
@@ -106,6 +112,12 @@ def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: K
 def _schedule_op(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: Knobs, tail: bool) -> None:
     """Schedules the blocks of single op ``op`` (the whole PrimFunc, or one part of it)."""
     roles = loop_roles(op, layout, bias)
+    if layout_of(layout).groups_innermost:
+        if _groups_in_lanes(sch, op, layout, roles):
+            _schedule_groups_in_lanes(sch, op, roles, knobs, tail)
+        else:
+            _schedule_groups_features(sch, op, roles, knobs, tail)
+        return
     rows_innermost = layout_of(layout).rows_innermost
     # With rows innermost, grad_weight vectorises the summed rows, not its static vector loop:
     # no partition.
@@ -382,3 +394,163 @@ def _schedule_column_sum(sch: s_tir.Schedule, name: str, chunk: int) -> None:
         _parallel(sch, g)
     sch.vectorize(o1)
     sch.decompose_reduction(block, reduce[0])
+
+
+# -- groups innermost ("groups_last"): every lane of a vector computes a group of its own ---------
+
+GROUP_LANES = 16  # lanes of a vector across the groups, where they divide the groups
+
+
+def _groups_in_lanes(sch: s_tir.Schedule, op: str, layout: str, roles) -> bool:
+    """Whether an op of a groups-innermost layout vectorises across the groups: forward and
+    grad_input when their compute packed the weight for it, grad_weight by the same rule
+    (:func:`tvmgroup.opdefs.vectorises_groups`, its features being K)."""
+    if op != "grad_weight":
+        return GROUPS_PACK in roles.present_packs(sch)
+    groups, _, in_features = (_extent(sch, l) for l in sch.get_loops(sch.get_sblock(roles.block))[:3])
+    return vectorises_groups(layout_of(layout), groups, in_features)
+
+
+def _schedule_groups_in_lanes(sch: s_tir.Schedule, op: str, roles, knobs: Knobs, tail: bool) -> None:
+    """An op of a groups-innermost layout (kernel view ``(N, F, G)``), each lane a group.
+
+    The register tile blocks two more axes, so every reduction step loads ``a + b`` vectors
+    for ``a * b`` fused multiply-adds: (rows x output features) for forward and grad_input,
+    which read the weight packed ``(R, J, G)``; (O x K) for grad_weight, which sums over all
+    rows in local accumulators laid out groups innermost and writes them back as the weight
+    is stored. The groups are never partitioned (local accumulators do not survive a
+    partition): :func:`_split_groups` picks the lanes.
+    """
+    if op == "grad_weight":
+        # Spatial loops (g, o, k) -> (o, k, g): the groups become the vector loop.
+        g, o, k, *_ = sch.get_loops(sch.get_sblock(roles.block))
+        sch.reorder(o, k, g)
+        (nest,) = _nests(sch, dataclasses.replace(roles, row=0), partition=False)
+        # Rows are summed in one sweep: any row count, so no row tile is recorded (1).
+        _groups_weight_grad_tile(sch, nest, knobs, tail)
+        for name in roles.extra_blocks:
+            _groups_column_sum(sch, name, tail)
+        return
+    (nest,) = _nests(sch, roles, partition=False)  # spatial (n, j, g): row n, outer j, vector g
+    row_tile = 1 if tail else knobs.inner_choice(sch, ROW_TILES, 4)
+    (j,) = nest.outer
+    v0, v1 = _split_groups(sch, nest.vec)
+    j0, j1 = _split_static(sch, j, knobs, 8, 4)
+    r0, r1 = sch.split(nest.row, [None, row_tile], disable_predication=True)
+    sch.reorder(r0, j0, v0, *nest.reduce, r1, j1, v1)
+    cache = _accumulate_locally(sch, nest.block, v0, tail)
+    _parallel(sch, sch.fuse(r0, j0, v0))
+    sch.unroll(j1)
+    _finish_micro_kernel(sch, nest, r1, v1, cache)
+    sch.annotate(nest.block, ROW_TILE_KEY, row_tile)
+    for name in roles.present_packs(sch):
+        _schedule_pack(sch, name)
+
+
+def _schedule_groups_features(sch: s_tir.Schedule, op: str, roles, knobs: Knobs, tail: bool) -> None:
+    """An op of a groups-innermost layout with the features vectorised, as in "last".
+
+    Each row tile (forward, grad_input) or row chunk (grad_weight) of the row-indexed inputs
+    is first copied features innermost into a tile-sized buffer (``(rows, G, F)``, in
+    cache), which the "last" micro-kernel then reads contiguously: the user's tensors are
+    read once, in place, in memory order. y is written back from the tile's accumulators.
+    """
+    block = sch.get_sblock(roles.block)
+    if op == "grad_weight":
+        (nest,) = _nests(sch, roles, partition=False)
+        (g,) = nest.outer
+        chunk = 1 if tail else knobs.inner_choice(sch, ROW_CHUNKS, 16)
+        k0, k1 = _split_static(sch, nest.vec, knobs, 64, 64)
+        o0, o1 = _split_static(sch, nest.row, knobs, 8, 4)
+        n0, n1 = sch.split(nest.reduce[0], [None, chunk], disable_predication=True)
+        sch.reorder(n0, g, o0, k0, n1, o1, k1)
+        if not tail:
+            for index in (0, 1):  # grad_y, x
+                _pack_rows_features_last(sch, block, index, n0)
+        _parallel(sch, sch.fuse(g, o0, k0))
+        nest.reduce = [n0, n1]
+        _finish_micro_kernel(sch, nest, o1, k1, None)
+        sch.annotate(block, ROW_TILE_KEY, chunk)
+        for name in roles.extra_blocks:
+            _groups_column_sum(sch, name, tail)
+        return
+    n, j, g, *_ = sch.get_loops(block)
+    sch.reorder(g, j)  # spatial (n, g, j): the features innermost, as "last" has them
+    (nest,) = _nests(sch, roles, partition=False)  # one nest: its tile accumulates locally
+    row_tile = 1 if tail else knobs.inner_choice(sch, ROW_TILES, 8)
+    (g,) = nest.outer
+    v0, v1 = _split_static(sch, nest.vec, knobs, 64, 32)
+    r0, r1 = sch.split(nest.row, [None, row_tile], disable_predication=True)
+    sch.reorder(r0, g, v0, *nest.reduce, r1, v1)
+    cache = _accumulate_locally(sch, block, v0, tail)
+    if tail:  # a few rows: read in place
+        _parallel(sch, sch.fuse(r0, g, v0))
+    else:  # the row tiles in parallel, each packing its rows once for all groups
+        _pack_rows_features_last(sch, block, 0, r0)
+        _parallel(sch, r0)
+    _finish_micro_kernel(sch, nest, r1, v1, cache)
+    sch.annotate(block, ROW_TILE_KEY, row_tile)
+    for name in roles.present_packs(sch):
+        _schedule_pack(sch, name)
+
+
+def _pack_rows_features_last(sch: s_tir.Schedule, block, index: int, loop) -> None:
+    """Copies the rows of ``block``'s row-indexed input ``index`` that ``loop`` covers into a
+    buffer laid out ``(N, G, F)`` (features innermost)."""
+    pack = sch.cache_read(block, index, "global", consumer_blocks=[block])
+    sch.transform_layout(pack, ("write", 0), lambda n, f, g: (n, g, f))
+    sch.compute_at(pack, loop, preserve_unit_loops=True)
+
+
+def _split_groups(sch: s_tir.Schedule, vec):
+    """The groups' loop as (vectors, lanes): ``GROUP_LANES`` lanes or the largest divisor of
+    the groups below it (8 for 24 groups; groups that fill no vector, taken this way only
+    when the features fill none either: 7 for 7, 3 for 321)."""
+    extent = _extent(sch, vec)
+    if extent <= GROUP_LANES:
+        return sch.add_unit_loop(vec), vec
+    return sch.split(vec, [None, max(d for d in range(1, GROUP_LANES + 1) if extent % d == 0)])
+
+
+def _groups_weight_grad_tile(sch: s_tir.Schedule, nest: _Nest, knobs: Knobs, tail: bool) -> None:
+    """grad_weight[g, o, k] = sum over rows of grad_y[n, o, g] * x[n, k, g], groups in lanes.
+
+    The (o, k) register tile's accumulators live in a local buffer laid out ``(O, K, G)`` (so
+    the lanes are contiguous), written back to the weight's storage once, after all rows.
+    """
+    block = nest.block
+    (k,) = nest.outer
+    (n,) = nest.reduce
+    o0, o1 = _split_static(sch, nest.row, knobs, 8, 4)
+    k0, k1 = _split_static(sch, k, knobs, 8, 4)
+    v0, v1 = _split_groups(sch, nest.vec)
+    sch.reorder(o0, k0, v0, n, o1, k1, v1)
+    if not tail:
+        cache = sch.cache_write(block, 0, "local")
+        sch.transform_layout(block, ("write", 0), _groups_last_index)
+        sch.reverse_compute_at(cache, v0, preserve_unit_loops=True)
+    _parallel(sch, sch.fuse(o0, k0, v0))
+    sch.unroll(o1)
+    sch.unroll(k1)
+    sch.vectorize(v1)
+    sch.decompose_reduction(block, n)
+
+
+def _groups_last_index(g, a, b):
+    """A ``(G, A, B)`` buffer's index laid out groups innermost."""
+    return (a, b, g)
+
+
+def _groups_column_sum(sch: s_tir.Schedule, name: str, tail: bool) -> None:
+    """grad_bias[g, o] = sum over rows of grad_y[n, o, g]: output features in parallel, the
+    groups in lanes, summed in a local ``(O, G)`` buffer."""
+    block = sch.get_sblock(name)
+    g, o, n = sch.get_loops(block)
+    sch.reorder(o, n, g)
+    if not tail:
+        cache = sch.cache_write(block, 0, "local")
+        sch.transform_layout(block, ("write", 0), lambda g_, o_: (o_, g_))
+        sch.reverse_compute_at(cache, o, preserve_unit_loops=True)
+    _parallel(sch, o)
+    sch.vectorize(g)
+    sch.decompose_reduction(block, n)

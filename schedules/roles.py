@@ -14,6 +14,7 @@ import tvm_ffi
 from tvm import s_tir
 
 from tvmgroup.layouts import layout_of
+from tvmgroup.opdefs import GROUPS_PACK
 
 # Block annotation: the tile a kernel's symbolic extent (rows, or L in the conv layout) must be
 # a multiple of; other extents run through the tail build or a padded copy.
@@ -56,11 +57,11 @@ def loop_roles(op: str, layout: str, bias: bool = True) -> LoopRoles:
     # Features innermost: the register-blocked loop is the row axis (its position in the
     # output's axes); rows innermost (conv): the output features.
     row = lay.row_axis if last else 2
+    # The weight copied for contiguous vector reads; "groups_last" may pack it groups innermost.
+    packs = ("weight_packed", *((GROUPS_PACK,) if lay.groups_innermost else ())) if last else ()
     if op == "forward":
-        packs = ("weight_packed",) if last else ()
         return LoopRoles("y", 3 if last else 4, row, not last, packs=packs)
     if op == "grad_input":
-        packs = ("weight_packed",) if last else ()
         return LoopRoles("grad_x", 3 if last else 4, row, not last, packs=packs)
     if op == "grad_weight":
         return LoopRoles("grad_weight", 3, 1, False, ("grad_bias",) if bias else ())

@@ -41,12 +41,15 @@ CASES = {
     "ensemble": Case("ensemble"),
     "ensemble-in_out": Case("ensemble", "in_out", "broadcast"),
     "shared-in_out": Case("shared", "in_out", "broadcast"),
+    "groups_last": Case("groups_last"),
+    "groups_last-in_out": Case("groups_last", "in_out", "flat"),
 }
 
 
 def _x_shape(case: str) -> tuple[int, ...]:
     return {
-        "last": (7, G * K), "conv": (2, G * K, 6), "ensemble": (G, 2, 3, K), "shared": (7, K)
+        "last": (7, G * K), "conv": (2, G * K, 6), "ensemble": (G, 2, 3, K), "shared": (7, K),
+        "groups_last": (2, 3, K, G),
     }[CASES[case].layout]
 
 
@@ -66,6 +69,9 @@ def _linear64(x, weight, bias, case="last"):
         if b is not None:
             y = y + b[None, :, :, None]
         return y.reshape(x.shape[0], g * o, x.shape[-1])
+    if c.layout == "groups_last":
+        y = torch.einsum("...kg,gok->...og", x, w)
+        return y + b.t() if b is not None else y
     rows = x.shape[1:-1] if c.layout == "ensemble" else x.shape[:-1]
     y = torch.einsum("g...k,gok->g...o" if c.layout == "ensemble" else "...k,gok->g...o", x, w)
     if b is not None:
@@ -345,7 +351,8 @@ OP_CASES = [c for c in CASES if CASES[c].layout != "shared"]
 
 
 def _rows_tensor(case: str, features: int) -> torch.Tensor:
-    shape = {"last": (13, G * features), "conv": (2, G * features, 13), "ensemble": (G, 13, features)}
+    shape = {"last": (13, G * features), "conv": (2, G * features, 13), "ensemble": (G, 13, features),
+             "groups_last": (13, features, G)}
     return torch.randn(shape[CASES[case].layout], requires_grad=True)
 
 

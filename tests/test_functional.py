@@ -1,4 +1,4 @@
-"""grouped_linear forward and backward against float64 einsum, over shapes and both layouts."""
+"""grouped_linear forward and backward against float64 einsum, over shapes and layouts."""
 
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ LAST_LEADING = [(1,), (13,), (97,), (64,), (2, 3)]
 CONV_BL = [(1, 1), (2, 13), (1, 97), (2, 64)]
 
 
-def _x_shapes(layout: str, features: int) -> list[tuple[int, ...]]:
+def _x_shapes(layout: str, groups: int, in_features: int) -> list[tuple[int, ...]]:
     if layout == "last":
-        return [(*lead, features) for lead in LAST_LEADING]
-    return [(b, features, l) for b, l in CONV_BL]
+        return [(*lead, groups * in_features) for lead in LAST_LEADING]
+    if layout == "groups_last":  # (..., K, G): rows as for "last"
+        return [(*lead, in_features, groups) for lead in LAST_LEADING]
+    return [(b, groups * in_features, l) for b, l in CONV_BL]
 
 
 def _check_forward_backward(x, weight, bias, layout, ref_grads, close) -> None:
@@ -39,18 +41,18 @@ def _check_forward_backward(x, weight, bias, layout, ref_grads, close) -> None:
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_forward_and_backward_match_float64(shape, layout, bias, inputs, ref_grads, close):
     g, k, o = shape
-    for x_shape in _x_shapes(layout, g * k):
+    for x_shape in _x_shapes(layout, g, k):
         x, weight, b = inputs(g, k, o, x_shape, bias)
         _check_forward_backward(x, weight, b, layout, ref_grads, close)
 
 
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
 def test_extra_leading_dims_and_prime_length(layout, inputs, ref_grads, close):
-    shape = (2, 3, 15) if layout == "last" else (3, 15, 31)
+    shape = {"last": (2, 3, 15), "conv": (3, 15, 31), "groups_last": (2, 3, 5, 3)}[layout]
     x, weight, b = inputs(3, 5, 4, shape)
     _check_forward_backward(x, weight, b, layout, ref_grads, close)
 
@@ -136,14 +138,14 @@ def test_non_contiguous_weight(inputs, ref_grads, close):
     _check_forward_backward(x, weight, bias, "last", ref_grads, close)
 
 
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
 def test_empty_batch(layout, inputs):
-    shape = (0, 15) if layout == "last" else (0, 15, 7)
+    shape = {"last": (0, 15), "conv": (0, 15, 7), "groups_last": (0, 5, 3)}[layout]
     x, weight, bias = inputs(3, 5, 4, shape)
     for t in (x, weight, bias):
         t.requires_grad_()
     y = grouped_linear(x, weight, bias, layout=layout)
-    assert y.shape == ((0, 12) if layout == "last" else (0, 12, 7))
+    assert y.shape == {"last": (0, 12), "conv": (0, 12, 7), "groups_last": (0, 4, 3)}[layout]
     y.sum().backward()
     assert x.grad.shape == x.shape
     assert torch.equal(weight.grad, torch.zeros_like(weight))
@@ -155,10 +157,10 @@ def test_one_dim_input(inputs, ref_grads, close):
     _check_forward_backward(x, weight, bias, "last", ref_grads, close)
 
 
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
 def test_broadcast_upstream_gradient(layout, inputs, ref_grads, close):
     """y.sum().backward() hands the backward an expanded (stride 0) grad_y."""
-    x, weight, bias = inputs(3, 5, 4, (13, 15) if layout == "last" else (2, 15, 13))
+    x, weight, bias = inputs(3, 5, 4, {"last": (13, 15), "conv": (2, 15, 13), "groups_last": (13, 5, 3)}[layout])
     for t in (x, weight, bias):
         t.requires_grad_()
     y = grouped_linear(x, weight, bias, layout=layout)
@@ -184,10 +186,10 @@ def _unaligned(shape: tuple[int, ...]) -> torch.Tensor:
     return t
 
 
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
 def test_unaligned_tensors(layout, ref_grads, close):
     """Kernels assume aligned buffers: inputs that start mid-storage run on a copy."""
-    x = _unaligned((13, 15) if layout == "last" else (2, 15, 7))
+    x = _unaligned({"last": (13, 15), "conv": (2, 15, 7), "groups_last": (13, 5, 3)}[layout])
     _check_forward_backward(x, _unaligned((3, 4, 5)), _unaligned((3, 4)), layout, ref_grads, close)
 
 
@@ -342,7 +344,7 @@ def test_shared_input_is_read_in_place(monkeypatch):
 def test_shared_input_errors():
     with pytest.raises(ValueError, match=r"layout='shared' expects x of shape \(..., in_features=12\), read by every group; got x of shape \(37, 10\)"):
         grouped_linear(torch.randn(37, 10), torch.randn(5, 12, 7), layout="shared", weight_layout="in_out")
-    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv', 'ensemble', 'shared'\), got 'share'"):
+    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv', 'ensemble', 'groups_last', 'shared'\), got 'share'"):
         grouped_linear(torch.randn(37, 12), torch.randn(5, 12, 7), layout="share")
 
 
@@ -363,3 +365,122 @@ def test_shared_input_layer_and_compile():
     assert results[0][0].shape == (5, 9, 7)
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# layout="groups_last": (..., K, G) -> (..., O, G), e.g. one head per channel of a (B, L, C)
+# series; read and written in place
+
+# The two ways its schedules go (tvmgroup.opdefs.vectorises_groups): along the features
+# (7 groups, K and O multiples of 8) and across the groups (16 groups); and mixed.
+GROUPS_LAST_SHAPES = [(7, 96, 24), (16, 64, 64), (21, 40, 16), (8, 5, 9), (7, 24, 9)]
+
+
+def _check_groups_last(x, weight, bias, weight_layout, ref_grads, close) -> None:
+    """Forward and all gradients against float64, parameters as stored (any bias shape)."""
+    from tvmgroup.weights import as_out_in
+
+    g = x.shape[-1]
+    for t in (x, weight, bias):
+        if t is not None:
+            t.requires_grad_()
+    y = grouped_linear(x, weight, bias, layout="groups_last", weight_layout=weight_layout)
+    grad_y = torch.randn_like(y)
+    o = y.shape[-2]
+    assert y.shape == (*x.shape[:-2], o, g)
+    bias_go = bias.detach().reshape(g, o) if bias is not None else None
+    expect = ref_grads(x.detach(), as_out_in(weight.detach(), weight_layout), bias_go, grad_y, "groups_last")
+    close(y, *expect["y"], what=f"y {tuple(x.shape)}")
+    y.backward(grad_y)
+    close(x.grad, *expect["x"], what="grad_x")
+    value, mag, depth = expect["weight"]
+    close(weight.grad, as_out_in(value, weight_layout), as_out_in(mag, weight_layout), depth, what="grad_weight")
+    if bias is not None:
+        value, mag, depth = expect["bias"]
+        close(bias.grad, value.reshape(bias.shape), mag.reshape(bias.shape), depth, what="grad_bias")
+
+
+@pytest.mark.parametrize("bias_layout", ["grouped", "broadcast", "flat", None])
+@pytest.mark.parametrize("weight_layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("shape", GROUPS_LAST_SHAPES, ids=lambda s: "g{}k{}o{}".format(*s))
+def test_groups_last_matches_float64(shape, weight_layout, bias_layout, ref_grads, close):
+    from tvmgroup.weights import bias_shape, weight_shape
+
+    g, k, o = shape
+    weight = torch.randn(weight_shape(g, k, o, weight_layout))
+    bias = torch.randn(bias_shape(g, o, bias_layout)) if bias_layout else None
+    for lead in [(1,), (13,), (64,), (3, 11)]:
+        _check_groups_last(torch.randn(*lead, k, g), weight.clone(), None if bias is None else bias.clone(), weight_layout, ref_grads, close)
+
+
+def test_groups_last_is_a_per_channel_linear_head(close, ref_grads):
+    """DLinear's per-channel heads: x (B, L, C), one nn.Linear(L, P) per channel, y (B, P, C)."""
+    b, length, c, p = 9, 48, 7, 24
+    heads = [torch.nn.Linear(length, p) for _ in range(c)]
+    x = torch.randn(b, length, c)
+    want = torch.stack([heads[i](x[:, :, i]) for i in range(c)], dim=-1)
+    weight = torch.stack([h.weight.detach() for h in heads])
+    bias = torch.stack([h.bias.detach() for h in heads])
+    got = grouped_linear(x, weight, bias, layout="groups_last")
+    assert got.shape == (b, p, c) and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_groups_last_reads_a_contiguous_input_in_place(monkeypatch):
+    from tvmgroup import ops
+
+    seen = []
+    real = ops._run
+
+    def spy(op, weight, layout, bias, rows, weight_layout, *args):
+        seen.append((op, layout, rows, args[0].shape, args[0].data_ptr()))
+        return real(op, weight, layout, bias, rows, weight_layout, *args)
+
+    monkeypatch.setattr(ops, "_run", spy)
+    x = torch.randn(4, 6, 5, 3)
+    grouped_linear(x, torch.randn(3, 2, 5), layout="groups_last")
+    assert seen == [("forward", "groups_last", 24, (24, 5, 3), x.data_ptr())]
+
+
+def test_groups_last_non_contiguous_input(ref_grads, close):
+    """A channels-first series viewed (B, L, C): strided, so the op runs on a copy."""
+    x = torch.randn(13, 3, 5).transpose(1, 2)  # (B, K=5, G=3) with the groups strided
+    assert not x.is_contiguous()
+    x_copy = x.clone()
+    _check_groups_last(x, torch.randn(3, 4, 5), torch.randn(3, 4), "out_in", ref_grads, close)
+    assert torch.equal(x.detach(), x_copy), "the op wrote to its input"
+
+
+@pytest.mark.parametrize(
+    "x_shape, message",
+    [
+        ((5,), r"expects x of shape \(\.\.\., in_features, groups\) = \(\.\.\., 5, 3\), got x of shape \(5,\)"),
+        ((13, 5), r"expects x of shape \(\.\.\., in_features, groups\) = \(\.\.\., 5, 3\), got x of shape \(13, 5\)"),
+        ((13, 6, 3), r"= \(\.\.\., 5, 3\), got x of shape \(13, 6, 3\)"),
+        ((13, 5, 4), r"= \(\.\.\., 5, 3\), got x of shape \(13, 5, 4\)"),
+        ((13, 3, 5), r"got x of shape \(13, 3, 5\) \(its last two dims are \(groups, in_features\): swap them\)"),
+        ((13, 15), r"got x of shape \(13, 15\)"),  # a "last" input
+    ],
+)
+def test_groups_last_bad_input(x_shape, message):
+    with pytest.raises(ValueError, match=message):
+        grouped_linear(torch.randn(x_shape), torch.randn(3, 4, 5), torch.randn(3, 4), layout="groups_last")
+
+
+def test_groups_last_under_vmap_and_jvp(close, ref_grads):
+    from torch.func import jvp, vmap
+
+    g, k, o = 3, 5, 4
+    w, b = torch.randn(g, o, k), torch.randn(g, o)
+    xs = torch.randn(6, 7, k, g)
+    got = vmap(lambda xi: grouped_linear(xi, w, b, layout="groups_last"))(xs)
+    want = torch.einsum("vnkg,gok->vnog", xs.double(), w.double()) + b.double().t()
+    assert got.shape == want.shape and (got.double() - want).abs().max().item() < 1e-4
+    ws = torch.randn(4, g, o, k)  # vmap over stacked weights: one call per member
+    got = vmap(lambda wi: grouped_linear(xs[0], wi, b, layout="groups_last"))(ws)
+    want = torch.einsum("nkg,vgok->vnog", xs[0].double(), ws.double()) + b.double().t()
+    assert (got.double() - want).abs().max().item() < 1e-4
+    x, dx, dw, db = xs[0], torch.randn(7, k, g), torch.randn(g, o, k), torch.randn(g, o)
+    _, tangent = jvp(lambda x_, w_, b_: grouped_linear(x_, w_, b_, layout="groups_last"), (x, w, b), (dx, dw, db))
+    want = torch.einsum("nkg,gok->nog", dx.double(), w.double()) + torch.einsum("nkg,gok->nog", x.double(), dw.double()) + db.double().t()
+    assert (tangent.double() - want).abs().max().item() < 1e-4

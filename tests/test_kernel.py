@@ -34,15 +34,17 @@ def _poisoned(*shape: int) -> torch.Tensor:
 
 def _rows_shape(layout: str, rows: int, features: int) -> tuple[int, ...]:
     """Kernel layout: (N, G, F) for "last"; (B=2, G, F, L=rows) for "conv"; (G, N, F) for
-    "ensemble"."""
+    "ensemble"; (N, F, G) for "groups_last"."""
     if layout == "ensemble":
         return (G, rows, features)
+    if layout == "groups_last":
+        return (rows, features, G)
     return (rows, G, features) if layout == "last" else (2, G, features, rows)
 
 
 def _user(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """A kernel-layout tensor as the user's (N, G*F), (B, G*F, L) or (G, N, F)."""
-    if layout == "ensemble":
+    """A kernel-layout tensor as the user's (N, G*F), (B, G*F, L), (G, N, F) or (N, F, G)."""
+    if layout in ("ensemble", "groups_last"):
         return t
     if layout == "last":
         return t.reshape(t.shape[0], -1)
@@ -55,21 +57,25 @@ def _expect(x, weight, bias, grad_y, layout, ref_grads):
 
 def _row_counts(kernel: Kernel, op: str, layout: str) -> list[int]:
     t = kernel.row_tile
-    if op == "grad_weight" and layout in ("last", "ensemble"):
+    if op == "grad_weight" and layout in ("last", "ensemble", "groups_last"):
         return [1, t - 1, t, t + 1, 200]
     return [1, t - 1, t, t + 1, 2 * t + 3]
 
 
-@pytest.mark.parametrize("layout", ["last", "conv", "ensemble"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble", "groups_last"])
 def test_cpu_kernels_have_a_row_tile_and_a_tail(layout):
     for op in ("forward", "grad_input", "grad_weight"):
         kernel = _kernel(op, layout)
+        if (layout, op) == ("groups_last", "grad_weight"):
+            # Vectorised across its 3 groups, it sums every row in one sweep: any row count.
+            assert kernel.row_tile == 1 and kernel.tail is None
+            continue
         assert kernel.row_tile > 1, f"{op}/{layout}: the CPU default schedule tiles rows"
         assert kernel.tail is not None
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("layout", ["last", "conv", "ensemble"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble", "groups_last"])
 def test_forward_kernel_writes_every_element(layout, bias, ref_grads, close):
     kernel = _kernel("forward", layout, bias)
     for rows in _row_counts(kernel, "forward", layout):
@@ -81,7 +87,7 @@ def test_forward_kernel_writes_every_element(layout, bias, ref_grads, close):
         close(_user(y, layout), *expect, what=f"forward {layout} rows={rows}")
 
 
-@pytest.mark.parametrize("layout", ["last", "conv", "ensemble"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble", "groups_last"])
 def test_grad_input_kernel_writes_every_element(layout, ref_grads, close):
     kernel = _kernel("grad_input", layout, bias=False)
     for rows in _row_counts(kernel, "grad_input", layout):
@@ -95,7 +101,7 @@ def test_grad_input_kernel_writes_every_element(layout, ref_grads, close):
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("layout", ["last", "conv", "ensemble"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble", "groups_last"])
 def test_grad_weight_kernel_writes_every_element(layout, bias, ref_grads, close):
     kernel = _kernel("grad_weight", layout, bias)
     for rows in _row_counts(kernel, "grad_weight", layout):
@@ -109,6 +115,66 @@ def test_grad_weight_kernel_writes_every_element(layout, bias, ref_grads, close)
         close(outs[0], *expect["weight"], what=f"grad_weight {layout} rows={rows}")
         if bias:
             close(outs[1], *expect["bias"], what=f"grad_bias {layout} rows={rows}")
+
+
+# "groups_last" schedules each op one of two ways (tvmgroup.opdefs.vectorises_groups): lanes
+# across the groups (G a multiple of 8, or features that fill no vector), or the features
+# vectorised on rows packed features innermost per tile. Shapes (G, K, O) for each:
+GROUPS_LAST_SHAPES = {
+    "features": (3, 16, 8),  # every op vectorises K or O; grad_weight sums row chunks
+    "lanes": (8, 5, 12),  # every op vectorises the 8 groups
+    "mixed": (7, 24, 9),  # forward in lanes (O=9), grad_input and grad_weight along K=24
+    "wide-groups": (48, 8, 16),  # 3 vectors of 16 groups
+}
+
+
+@pytest.mark.parametrize("shape", list(GROUPS_LAST_SHAPES.values()), ids=list(GROUPS_LAST_SHAPES))
+def test_groups_last_kernels_write_every_element(shape, ref_grads):
+    g, k, o = shape
+    specs = {op: OpSpec(op, g, k, o, layout="groups_last") for op in ("forward", "grad_input", "grad_weight")}
+    kernels = {op: kernel_for(spec, cpu_target()) for op, spec in specs.items()}
+    tiles = {kernel.row_tile for kernel in kernels.values()}
+    for rows in sorted({1, 7, 97, 200, *(t + 1 for t in tiles), *(3 * t - 1 for t in tiles)}):
+        x, grad_y = torch.randn(rows, k, g), torch.randn(rows, o, g)
+        weight, bias = torch.randn(g, o, k), torch.randn(g, o)
+        y, grad_x = _poisoned(rows, o, g), _poisoned(rows, k, g)
+        grad_w, grad_b = _poisoned(g, o, k), _poisoned(g, o)
+        kernels["forward"](x, weight, bias, y)
+        kernels["grad_input"](grad_y, weight, grad_x)
+        kernels["grad_weight"](grad_y, x, grad_w, grad_b)
+        want = ref_grads(x, weight, bias, grad_y, "groups_last")
+        for name, got in (("y", y), ("x", grad_x), ("weight", grad_w), ("bias", grad_b)):
+            assert_close(got, *want[name], what=f"{shape} rows={rows} {name}")
+
+
+@pytest.mark.parametrize("serial", [True, False], ids=["serial", "parallel"])
+def test_tail_rows_off_the_buffer_alignment_run_on_an_aligned_copy(serial, ref_grads):
+    """A row split's tail starts mid-tensor (here 4 rows of 7 floats: 112 bytes in), off the
+    64 bytes TVM compiles buffers for; LLVM may store to it with aligned vector moves (which
+    the serial grad_input build of this shape does), so the tail runs on an aligned copy."""
+    g, k, o, rows = 1, 7, 6, 6
+    spec = OpSpec("grad_input", g, k, o, layout="groups_last")
+    kernel = build_kernel(spec, cpu_target(), default_choice(spec, cpu_target()), serial=serial)
+    assert kernel.row_tile == 4 and (rows - rows % 4) * k * g * 4 % 64 != 0
+    grad_y, weight = torch.randn(rows, o, g), torch.randn(g, o, k)
+    grad_x = _poisoned(rows, k, g)
+    kernel(grad_y, weight, grad_x)
+    want = ref_grads(torch.zeros(rows, k, g), weight, None, grad_y, "groups_last")
+    assert_close(grad_x, *want["x"], what="grad_x")
+
+
+def test_groups_last_picks_lanes_or_features_by_shape():
+    from tvmgroup.layouts import layout_of
+    from tvmgroup.opdefs import GROUPS_PACK, vectorises_groups
+
+    lay = layout_of("groups_last")
+    assert vectorises_groups(lay, 16, 64) and vectorises_groups(lay, 7, 9)
+    assert not vectorises_groups(lay, 7, 24) and not vectorises_groups(lay, 21, 96)
+    assert not vectorises_groups(layout_of("last"), 16, 9)
+    from tvmgroup.compute import prim_func
+
+    assert GROUPS_PACK in prim_func(OpSpec("forward", 16, 64, 64, layout="groups_last")).script()
+    assert GROUPS_PACK not in prim_func(OpSpec("forward", 7, 96, 24, layout="groups_last")).script()
 
 
 def test_kernel_for_reuses_the_compiled_kernel():
@@ -355,12 +421,12 @@ def test_kernels_index_with_32_bit_integers():
     """Why large tensors are chunked: the kernels' row extent (and so every index) is int32."""
     from tvmgroup.layouts import layout_of
 
-    for layout in ("last", "conv", "ensemble"):
+    for layout in ("last", "conv", "ensemble", "groups_last"):
         dims = [d for d in layout_of(layout).row_dims(None) if not isinstance(d, int)]
         assert dims and all(str(d.ty) == "int32" for d in dims)
 
 
-@pytest.mark.parametrize("layout", ["last", "conv", "ensemble"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble", "groups_last"])
 def test_tensors_past_the_index_limit_run_in_chunks(monkeypatch, layout, ref_grads):
     from tvmgroup import ops
 
@@ -376,7 +442,8 @@ def test_tensors_past_the_index_limit_run_in_chunks(monkeypatch, layout, ref_gra
     monkeypatch.setattr(kernel_mod, "MAX_KERNEL_ELEMENTS", 1000)  # ~1000 / (G * 5) rows per call
     # "last", "ensemble": 203 rows; "conv": 41 batch items of length 8 (the chunks split the batch)
     def shape(features):
-        return {"last": (203, G, features), "conv": (41, G, features, 8), "ensemble": (G, 203, features)}[layout]
+        return {"last": (203, G, features), "conv": (41, G, features, 8), "ensemble": (G, 203, features),
+                "groups_last": (203, features, G)}[layout]
 
     x, grad_y = torch.randn(shape(K)), torch.randn(shape(O))
     weight, bias = torch.randn(G, O, K), torch.randn(G, O)

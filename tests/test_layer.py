@@ -41,6 +41,32 @@ def test_module_forward_and_repr(ref_grads, close):
     assert "groups=3, in_features=5, out_features=4, bias=True, layout='conv'" in repr(layer)
 
 
+@pytest.mark.parametrize("weight_layout, bias_layout", [("out_in", "grouped"), ("in_out", "broadcast"), ("in_out", "flat")])
+def test_groups_last_layer_trains_like_per_channel_linears(weight_layout, bias_layout, ref_grads, close):
+    """A head per channel of a (B, L, C) series, y (B, P, C): outputs and every gradient."""
+    from tvmgroup.weights import as_out_in
+
+    c, length, p = 7, 24, 8
+    layer = GroupedLinear(c, length, p, layout="groups_last", weight_layout=weight_layout, bias_layout=bias_layout)
+    assert "layout='groups_last'" in repr(layer)
+    x = torch.randn(5, length, c, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (5, p, c)
+    grad_y = torch.randn_like(y)
+    weight = as_out_in(layer.weight.detach(), weight_layout)
+    want = ref_grads(x.detach(), weight, layer.bias.detach().reshape(c, p), grad_y, "groups_last")
+    close(y, *want["y"], what="y")
+    y.backward(grad_y)
+    close(x.grad, *want["x"], what="grad_x")
+    value, mag, depth = want["weight"]
+    close(layer.weight.grad, as_out_in(value, weight_layout), as_out_in(mag, weight_layout), depth, what="grad_weight")
+    value, mag, depth = want["bias"]
+    shape = layer.bias.shape
+    close(layer.bias.grad, value.reshape(shape), mag.reshape(shape), depth, what="grad_bias")
+    with pytest.raises(ValueError, match=r"layout='groups_last' expects x of shape \(\.\.\., in_features, groups\) = \(\.\.\., 24, 7\), got x of shape \(5, 7, 24\)"):
+        layer(torch.randn(5, c, length))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -48,7 +74,7 @@ def test_module_forward_and_repr(ref_grads, close):
         ({"in_features": -1}, "in_features must be a positive int, got -1"),
         ({"out_features": 2.0}, "out_features must be a positive int, got 2.0"),
         ({"groups": True}, "groups must be a positive int, got True"),
-        ({"layout": "nlc"}, r"layout must be one of \('last', 'conv', 'ensemble', 'shared'\), got 'nlc'"),
+        ({"layout": "nlc"}, r"layout must be one of \('last', 'conv', 'ensemble', 'groups_last', 'shared'\), got 'nlc'"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, match):

@@ -9,9 +9,9 @@ from tvmgroup.layouts import LAYOUTS, layout_of
 
 
 def test_registry_and_unknown_name():
-    assert tuple(LAYOUTS) == ("last", "conv", "ensemble")
+    assert tuple(LAYOUTS) == ("last", "conv", "ensemble", "groups_last")
     assert layout_of("conv") is LAYOUTS["conv"]
-    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv', 'ensemble'\), got 'rows'"):
+    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv', 'ensemble', 'groups_last'\), got 'rows'"):
         layout_of("rows")
 
 
@@ -22,7 +22,7 @@ def test_features_last_views_without_copy():
     assert view.shape == (15, 2, 4) and view.data_ptr() == x.data_ptr()
     assert lay.out_shape(x, 2, 7) == [3, 5, 14]
     assert lay.einsum("k") == "ngk" and lay.row_sum_dims == (0,)
-    assert not lay.rows_innermost
+    assert not lay.rows_innermost and not lay.groups_innermost and lay.innermost == "features"
 
 
 def test_conv_views_without_copy():
@@ -32,7 +32,7 @@ def test_conv_views_without_copy():
     assert view.shape == (3, 2, 4, 9) and view.data_ptr() == x.data_ptr()
     assert lay.out_shape(x, 2, 7) == [3, 14, 9]
     assert lay.einsum("o") == "bgol" and lay.row_sum_dims == (0, 3)
-    assert lay.rows_innermost
+    assert lay.rows_innermost and not lay.groups_innermost
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -52,6 +52,10 @@ def test_random_operand_has_the_kernel_shape(name):
         ("ensemble", (8,), r"layout='ensemble' expects x of shape \(groups, ..., in_features\) \(at least 2 dims\), got \(8,\)"),
         ("ensemble", (3, 5, 4), r"expects x of shape \(groups=2, ..., in_features=4\), got x of shape \(3, 5, 4\)"),
         ("ensemble", (2, 5, 8), r"expects x of shape \(groups=2, ..., in_features=4\), got x of shape \(2, 5, 8\)"),
+        ("groups_last", (8,), r"layout='groups_last' expects x of shape \(\.\.\., in_features, groups\) = \(\.\.\., 4, 2\), got x of shape \(8,\)$"),
+        ("groups_last", (3, 5, 2), r"expects x of shape \(\.\.\., in_features, groups\) = \(\.\.\., 4, 2\), got x of shape \(3, 5, 2\)$"),
+        ("groups_last", (3, 4, 3), r"expects x of shape \(\.\.\., in_features, groups\) = \(\.\.\., 4, 2\), got x of shape \(3, 4, 3\)$"),
+        ("groups_last", (3, 2, 4), r"got x of shape \(3, 2, 4\) \(its last two dims are \(groups, in_features\): swap them\)"),
     ],
 )
 def test_check_input_names_what_was_expected(name, shape, message):
@@ -101,3 +105,36 @@ def test_ensemble_kernel_buffers_are_strided():
     assert 'strides=("x_stride_g", "x_stride_n", 1)' in script and 'strides=("y_stride_g", 8, 1)' in script
     assert "strides" not in prim_func(OpSpec("forward", 2, 8, 8, layout="ensemble"), rows=16).script()
     assert "strides" not in prim_func(OpSpec("forward", 2, 8, 8, layout="last")).script()
+
+
+def test_groups_last_views_without_copy():
+    lay = layout_of("groups_last")
+    x = torch.randn(3, 5, 4, 2)  # (..., in_features=4, groups=2)
+    view = lay.kernel_view(x, 2, 4)
+    assert view.shape == (15, 4, 2) and view.data_ptr() == x.data_ptr()
+    assert lay.out_shape(x, 2, 7) == [3, 5, 7, 2]
+    assert lay.einsum("k") == "nkg" and lay.row_sum_dims == (0,) and lay.row_axis == 0
+    assert lay.groups_innermost and not lay.rows_innermost and lay.innermost == "groups"
+    bias = torch.randn(2, 7)
+    assert lay.bias_view(bias).shape == (1, 7, 2) and torch.equal(lay.bias_view(bias)[0], bias.t())
+
+
+def test_groups_last_is_the_last_layout_with_its_last_two_dims_swapped():
+    """The float64 references of "groups_last" and "last" agree on the same data: the layout
+    only moves the groups axis."""
+    from tvmgroup.opdefs import reference_pass
+
+    x, weight, bias = torch.randn(6, 4, 3), torch.randn(3, 5, 4), torch.randn(3, 5)
+    grad_y = torch.randn(6, 5, 3)
+    got = reference_pass(layout_of("groups_last"), x, weight, bias, grad_y)
+    want = reference_pass(layout_of("last"), x.transpose(1, 2).reshape(6, 12), weight, bias, grad_y.transpose(1, 2).reshape(6, 15))
+    assert torch.allclose(got["y"], want["y"].view(6, 3, 5).transpose(1, 2))
+    assert torch.allclose(got["grad_x"], want["grad_x"].view(6, 3, 4).transpose(1, 2))
+    assert torch.allclose(got["grad_weight"], want["grad_weight"]) and torch.allclose(got["grad_bias"], want["grad_bias"])
+
+
+def test_groups_last_kernel_buffers_are_compact():
+    from tvmgroup.compute import OpSpec, prim_func
+
+    script = prim_func(OpSpec("forward", 2, 8, 8, layout="groups_last")).script()
+    assert 'x: T.Buffer(("n", 8, 2)' in script and "y: T.Buffer((n, 8, 2)" in script and "strides" not in script

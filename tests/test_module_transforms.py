@@ -15,7 +15,8 @@ from tvmgroup import GroupedLinear
 
 G, K, O, MEMBERS = 3, 4, 5, 4  # 60 weights per member: members' slices are not 64-byte aligned
 # (layout, weight_layout): every layout, and the (G, K, O) weight of ensemble code.
-CASES = [("last", "out_in"), ("conv", "out_in"), ("ensemble", "in_out"), ("shared", "in_out"), ("last", "in_out")]
+CASES = [("last", "out_in"), ("conv", "out_in"), ("ensemble", "in_out"), ("shared", "in_out"), ("last", "in_out"),
+         ("groups_last", "out_in")]
 CASE_IDS = [f"{layout}-{weight_layout}" for layout, weight_layout in CASES]
 
 
@@ -23,13 +24,15 @@ def _x_shape(layout: str, in_features: int) -> tuple[int, ...]:
     """An input of the first layer (``in_features`` per group)."""
     return {
         "last": (6, G * in_features), "conv": (2, G * in_features, 5), "ensemble": (G, 6, in_features),
-        "shared": (6, in_features),
+        "shared": (6, in_features), "groups_last": (6, in_features, G),
     }[layout]
 
 
 def _linear64(x, weight, bias, layout, weight_layout="out_in"):
     w = weight if weight_layout == "out_in" else weight.transpose(1, 2)  # (G, O, K)
     g, o, k = w.shape
+    if layout == "groups_last":
+        return torch.einsum("nkg,gok->nog", x, w) + bias.t()
     if layout == "last":
         y = torch.einsum("ngk,gok->ngo", x.reshape(-1, g, k), w) + bias
         return y.reshape(*x.shape[:-1], g * o)

@@ -11,33 +11,35 @@ from tvmgroup.ops import backward_op, grad_input_op, grad_weight_op, grouped_lin
 G, K, O = 3, 5, 4
 
 
+def _rows(layout: str, features: int) -> tuple[int, ...]:
+    """A row-indexed tensor's user shape in ``layout`` (13 rows; conv: 2 x 13)."""
+    return {"last": (13, G * features), "conv": (2, G * features, 13), "groups_last": (13, features, G)}[layout]
+
+
 def _opcheck(op, args) -> None:
     # All of opcheck's checks (schema, autograd registration, fake tensor, AOT dispatch).
     torch.library.opcheck(op, args, raise_exception=True)
 
 
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_opcheck_forward(layout, bias):
-    x = torch.randn((13, G * K) if layout == "last" else (2, G * K, 13), requires_grad=True)
+    x = torch.randn(_rows(layout, K), requires_grad=True)
     weight = torch.randn(G, O, K, requires_grad=True)
     b = torch.randn(G, O, requires_grad=True) if bias else None
     _opcheck(grouped_linear_op, (x, weight, b, layout))
 
 
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
 def test_opcheck_grad_input(layout):
-    grad_y = torch.randn((13, G * O) if layout == "last" else (2, G * O, 13))
+    grad_y = torch.randn(_rows(layout, O))
     _opcheck(grad_input_op, (grad_y, torch.randn(G, O, K), layout))
 
 
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_opcheck_grad_weight(layout, with_bias):
-    if layout == "last":
-        grad_y, x = torch.randn(13, G * O), torch.randn(13, G * K)
-    else:
-        grad_y, x = torch.randn(2, G * O, 13), torch.randn(2, G * K, 13)
+    grad_y, x = torch.randn(_rows(layout, O)), torch.randn(_rows(layout, K))
     _opcheck(grad_weight_op, (grad_y, x, torch.randn(G, O, K), with_bias, layout))
 
 
@@ -60,12 +62,13 @@ def _grads_of(module: torch.nn.Module, fn, x: torch.Tensor) -> tuple[torch.Tenso
     return out.detach(), [x.grad] + [p.grad for p in module.parameters()]
 
 
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
 def test_torch_compile_fullgraph_matches_eager(layout):
     torch._dynamo.reset()
     module = _Block(layout)
     compiled = torch.compile(module, fullgraph=True)
-    for shape in ([(13, G * K), (7, G * K)] if layout == "last" else [(2, G * K, 13)]):
+    shapes = {"last": [(13, G * K), (7, G * K)], "conv": [(2, G * K, 13)], "groups_last": [(13, K, G), (2, 7, K, G)]}
+    for shape in shapes[layout]:
         x = torch.randn(shape)
         out_eager, grads_eager = _grads_of(module, module, x)
         out_comp, grads_comp = _grads_of(module, compiled, x)
@@ -95,6 +98,14 @@ def test_torch_export_with_a_dynamic_batch():
     torch.testing.assert_close(exported.module()(x), layer(x), rtol=0, atol=0)
 
 
+def test_torch_export_of_a_groups_last_layer_with_a_dynamic_batch():
+    layer = GroupedLinear(G, K, O, layout="groups_last", weight_layout="in_out")
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(layer, (torch.randn(2, K, G),), dynamic_shapes={"x": {0: batch}})
+    x = torch.randn(37, K, G)
+    torch.testing.assert_close(exported.module()(x), layer(x), rtol=0, atol=0)
+
+
 def test_fake_tensor_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -106,6 +117,8 @@ def test_fake_tensor_shapes():
         assert gw.shape == (G, O, K) and gb.shape == (0,)
         gx, gw, gb = backward_op(torch.randn(G, 6, O), torch.randn(G, 6, K), w.transpose(1, 2), True, "ensemble", "in_out")
         assert gx.shape == (G, 6, K) and gw.shape == (G, K, O) and gb.shape == (G, O)
+        assert grouped_linear_op(torch.randn(2, 7, K, G), w, b, "groups_last").shape == (2, 7, O, G)
+        assert grad_input_op(torch.randn(6, O, G), w, "groups_last").shape == (6, K, G)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,13 +179,13 @@ def test_forward_ad_dual_tensors():
     _close(tangent, _ref64(tx, w, torch.zeros_like(b)))
 
 
-@pytest.mark.parametrize("layout", ["last", "conv"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
 def test_vmap_over_inputs_joins_rows(layout):
     from torch.func import vmap
 
     from tvmgroup import grouped_linear
 
-    x, w, b = _params((6, 5, 12) if layout == "last" else (6, 2, 12, 7))
+    x, w, b = _params({"last": (6, 5, 12), "conv": (6, 2, 12, 7), "groups_last": (6, 5, 4, 3)}[layout])
     got = vmap(lambda xi: grouped_linear(xi, w, b, layout=layout))(x)
     _close(got, torch.stack([_ref64(xi, w, b, layout) for xi in x]))
 

@@ -20,12 +20,15 @@ def cases(draw):
     groups = draw(st.integers(1, 6))
     in_features = draw(st.integers(1, 20))
     out_features = draw(st.integers(1, 20))
-    layout = draw(st.sampled_from(["last", "conv", "ensemble"]))
+    layout = draw(st.sampled_from(["last", "conv", "ensemble", "groups_last"]))
     bias = draw(st.sampled_from([None, "grouped", "broadcast", "flat"]))
     weight_layout = draw(st.sampled_from(["out_in", "in_out"]))
     if layout == "last":
         lead = draw(st.lists(st.integers(1, 40), min_size=1, max_size=3).filter(_small))
         x_shape = (*lead, groups * in_features)
+    elif layout == "groups_last":
+        lead = draw(st.lists(st.integers(1, 40), min_size=1, max_size=2).filter(_small))
+        x_shape = (*lead, in_features, groups)
     elif layout == "ensemble":
         lead = draw(st.lists(st.integers(1, 40), min_size=1, max_size=2).filter(_small))
         x_shape = (groups, *lead, in_features)

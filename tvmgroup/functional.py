@@ -37,13 +37,15 @@ def grouped_linear(
 
     Args:
         x: ``(..., G*K)`` for ``layout="last"``, ``(B, G*K, L)`` for ``layout="conv"``,
-            ``(G, ..., K)`` for ``layout="ensemble"``, ``(..., K)`` (one input read by every
-            group) for ``layout="shared"``.
+            ``(G, ..., K)`` for ``layout="ensemble"``, ``(..., K, G)`` (groups contiguous,
+            e.g. one head per channel of a ``(B, L, C)`` series) for ``layout="groups_last"``,
+            ``(..., K)`` (one input read by every group) for ``layout="shared"``.
         weight: ``(G, O, K)`` for ``weight_layout="out_in"``, ``(G, K, O)`` for ``"in_out"``
             (then ``y = x @ weight[g] + bias[g]``); read as stored.
         bias: ``(G, O)``, ``(G, 1, O)``, ``(G*O,)`` or None; its gradient has its shape.
     Returns:
-        ``(..., G*O)``, ``(B, G*O, L)`` or ``(G, ..., O)`` (``"ensemble"``, ``"shared"``).
+        ``(..., G*O)``, ``(B, G*O, L)``, ``(G, ..., O)`` (``"ensemble"``, ``"shared"``) or
+        ``(..., O, G)`` (``"groups_last"``).
     """
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         # Like nn.Linear under autocast: compute in the autocast dtype (sums stay float32).

@@ -212,7 +212,8 @@ class Kernel:
         """The tile applies to the row axis (the leading one, or the layout's ``row_axis``):
         ``main`` takes the largest multiple of it and ``tail`` the rest, both on views (the
         layout's buffers take such views: the leading axis, or strided ones); outputs summed
-        over rows add the tail's part."""
+        over rows add the tail's part. A tail view that starts off the buffers' alignment
+        runs on an aligned copy (at most ``row_tile - 1`` rows)."""
         axis = self._row_axis
         rows = args[0].shape[axis]
         cut = rows - rows % self.row_tile
@@ -223,10 +224,10 @@ class Kernel:
             self._tail(*args)
             return
         self._main(*[t.narrow(axis, 0, cut) if arg.role == "rows" else t for t, arg in zip(args, self._args)])
-        call, partials = [], []
+        call, partials, copies = [], [], []
         for t, arg in zip(args, self._args):
             if arg.role == "rows":
-                call.append(t.narrow(axis, cut, rows - cut))
+                call.append(_on_aligned_memory(t.narrow(axis, cut, rows - cut), arg.output, copies))
             elif arg.summed_over_rows:
                 part = torch.empty_like(t)
                 call.append(part)
@@ -236,6 +237,27 @@ class Kernel:
         self._tail(*call)
         for t, part in partials:
             t.add_(part)
+        for view, compact in copies:
+            view.copy_(compact)
+
+
+# TVM compiles every buffer as aligned to this many bytes (its allocation alignment), and LLVM
+# may emit aligned vector loads and stores on it (a fault, not a slow access, when it is not).
+BUFFER_ALIGNMENT = 64
+
+
+def _on_aligned_memory(view: torch.Tensor, output: bool, copies: list) -> torch.Tensor:
+    """``view``, or where it starts off ``BUFFER_ALIGNMENT`` (the tail rows of a row split,
+    which start mid-tensor) a compact copy of it in aligned memory; an output's copy is put
+    in ``copies`` as (view, copy), to be copied back after the call."""
+    if view.data_ptr() % BUFFER_ALIGNMENT == 0:
+        return view
+    compact = torch.empty(view.shape, dtype=view.dtype, device=view.device)  # torch aligns it
+    if output:
+        copies.append((view, compact))
+    else:
+        compact.copy_(view)
+    return compact
 
 
 def _entry_function(module: tvm.runtime.Module):

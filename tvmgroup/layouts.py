@@ -9,9 +9,10 @@ them, on both sides of the code:
 * torch (``check_input``, ``kernel_view``, ``out_shape``, ``einsum``, ``random``): the custom
   ops, the float64 references and the first-use checks.
 
-``rows_innermost`` tells schedules and kernels which axis is contiguous: the features
-(``"last"``, ``"ensemble"``) or a row axis (``"conv"``'s length L); ``row_axis`` which
-kernel-layout axis holds the rows a kernel call is split along. A layout may declare its
+``innermost`` tells schedules and kernels which axis is contiguous: the features
+(``"last"``, ``"ensemble"``), a row axis (``"conv"``'s length L) or the groups
+(``"groups_last"``); ``rows_innermost`` and ``groups_innermost`` ask it. ``row_axis`` says
+which kernel-layout axis holds the rows a kernel call is split along. A layout may declare its
 row-indexed buffers with symbolic strides (``buffer_strides``): the kernels then read views
 in place (a slice of the rows, an input expanded over the groups) instead of copies. A new
 layout is one subclass registered in :data:`LAYOUTS`, plus what its schedules need.
@@ -29,10 +30,21 @@ class Layout:
     """One way of laying out the row-indexed tensors (x, y and their gradients)."""
 
     name: str
-    rows_innermost: bool  # the contiguous axis is a row axis (else the features)
+    innermost: str  # the contiguous axis: "features", "rows" or "groups"
     row_axis: int  # the kernel-layout axis a call's rows are split along
     row_letters: str  # einsum letters of the row axes, outermost first
     user_dims: str  # the user's tensor, for messages
+
+    @property
+    def rows_innermost(self) -> bool:
+        """The contiguous axis is a row axis (``"conv"``'s L): schedules vectorise the rows."""
+        return self.innermost == "rows"
+
+    @property
+    def groups_innermost(self) -> bool:
+        """The contiguous axis is the groups (``"groups_last"``): schedules vectorise across
+        groups, each lane a group of its own, and read the weight packed groups innermost."""
+        return self.innermost == "groups"
 
     # -- TE side ---------------------------------------------------------------------------------
     def row_dims(self, rows: int | None) -> list:
@@ -91,7 +103,7 @@ class FeaturesLast(Layout):
     """``(..., G*K) -> (..., G*O)``: the kernel sees ``(N, G, F)``, features contiguous."""
 
     name = "last"
-    rows_innermost = False
+    innermost = "features"
     row_axis = 0
     row_letters = "n"
     user_dims = "(..., groups*in_features)"
@@ -142,7 +154,7 @@ class Conv(Layout):
     """
 
     name = "conv"
-    rows_innermost = True
+    innermost = "rows"
     row_axis = 3
     row_letters = "bl"
     user_dims = "(batch, groups*in_features, length)"
@@ -200,7 +212,7 @@ class EnsembleFirst(Layout):
     """
 
     name = "ensemble"
-    rows_innermost = False
+    innermost = "features"
     row_axis = 1
     row_letters = "n"
     user_dims = "(groups, ..., in_features)"
@@ -257,6 +269,63 @@ class EnsembleFirst(Layout):
         return torch.randn(groups, rows, features).to(device=device, dtype=dtype)
 
 
+class GroupsLast(Layout):
+    """``(..., K, G) -> (..., O, G)`` (a channels-last series ``(B, L, C)`` with one head per
+    channel: K = L, G = C): the kernel sees ``(N, F, G)``, the groups contiguous.
+
+    The user's tensors are the kernel's buffers (no copy of a contiguous x). Schedules
+    vectorise across the groups where they fill whole vectors (each lane a group, the weight
+    packed groups innermost), else along the features as for ``"last"``, on row tiles copied
+    features innermost inside the kernel (:func:`tvmgroup.opdefs.vectorises_groups`).
+    """
+
+    name = "groups_last"
+    innermost = "groups"
+    row_axis = 0
+    row_letters = "n"
+    user_dims = "(..., in_features, groups)"
+
+    def row_dims(self, rows):
+        return [te.var("n") if rows is None else rows]
+
+    def shape(self, dims, groups, features):
+        return [dims[0], features, groups]
+
+    def index(self, row, g, f):
+        return (row[0], f, g)
+
+    def split(self, idx):
+        return (idx[0],), idx[2], idx[1]
+
+    def check_input(self, x, groups, in_features):
+        if x.dim() < 2 or x.shape[-2] != in_features or x.shape[-1] != groups:
+            swapped = x.dim() >= 2 and tuple(x.shape[-2:]) == (groups, in_features) and groups != in_features
+            hint = " (its last two dims are (groups, in_features): swap them)" if swapped else ""
+            raise ValueError(
+                f"layout='groups_last' expects x of shape {self.user_dims} = (..., {in_features}, {groups}), "
+                f"got x of shape {tuple(x.shape)}{hint}"
+            )
+
+    def kernel_view(self, t, groups, features):
+        return t.contiguous().view(-1, features, groups)
+
+    def out_shape(self, x, groups, features):
+        return [*x.shape[:-2], features, groups]
+
+    def einsum(self, feature):
+        return f"n{feature}g"
+
+    def bias_view(self, bias):
+        return bias.t()[None, :, :]
+
+    @property
+    def row_sum_dims(self):
+        return (0,)
+
+    def random(self, rows, groups, features, dtype, device="cpu"):
+        return torch.randn(rows, features, groups).to(device=device, dtype=dtype)
+
+
 def _view_or_none(t: torch.Tensor, groups: int, features: int) -> torch.Tensor | None:
     try:
         return t.view(groups, -1, features)
@@ -279,7 +348,7 @@ def _rows_compact(view: torch.Tensor | None) -> torch.Tensor | None:
     return None
 
 
-LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (FeaturesLast(), Conv(), EnsembleFirst())}
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (FeaturesLast(), Conv(), EnsembleFirst(), GroupsLast())}
 
 
 # Not a kernel layout: one input ``(..., K)`` read by every group, output ``(G, ..., O)``. It

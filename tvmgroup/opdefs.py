@@ -99,6 +99,27 @@ class OpDef:
         return [as_out_in(t, spec.weight_layout) if a.role == "weight" else t for t, a in zip(outputs, out_args)]
 
 
+# -- which axis is vectorised where the groups are contiguous ("groups_last") ------------------
+
+GROUP_VECTOR = 8  # groups that are a multiple of this fill whole vectors: lanes across groups
+FEATURE_VECTOR = 8  # otherwise features that are a multiple of this are vectorised
+GROUPS_PACK = "weight_packed_groups"  # the (R, J, G) weight of ops that vectorise across groups
+
+
+def vectorises_groups(layout: Layout, groups: int, features: int) -> bool:
+    """Whether an op whose output has ``features`` features vectorises across the groups
+    (each lane a group, reading x and writing y in place, the weight packed groups
+    innermost: ``GROUPS_PACK``) rather than along the features as ``"last"`` does (each
+    tile's rows copied features innermost first). Only where the groups are contiguous.
+
+    Across the groups where they fill whole vectors, or where the features would not;
+    vectors of other widths compile to element-wise code, many times slower.
+    """
+    if not layout.groups_innermost:
+        return False
+    return groups % GROUP_VECTOR == 0 or features % FEATURE_VECTOR != 0
+
+
 # -- TE helpers --------------------------------------------------------------------------------
 
 
@@ -138,7 +159,11 @@ def _forward(spec: "OpSpec", layout: Layout, dims: list):
     x = te.placeholder(layout.shape(dims, g_, k_), spec.dtype, name="x")
     w, w_elem = _weight(spec)
     k = te.reduce_axis((0, k_), name="k")
-    if not layout.rows_innermost and spec.weight_layout == "out_in":
+    if vectorises_groups(layout, g_, o_):
+        # Packed (K, O, G): each vector lane is a group, reading its own weight.
+        wt = te.compute((k_, o_, g_), lambda kk, o, g: w_elem(g, o, kk), name=GROUPS_PACK)
+        w_at = lambda g, o: wt[k, o, g]  # noqa: E731
+    elif not layout.rows_innermost and spec.weight_layout == "out_in":
         # Packed so the innermost (vectorised) output axis reads weight contiguously (a
         # (G, K, O) weight already is).
         wt = te.compute((g_, k_, o_), lambda g, kk, o: w[g, o, kk], name="weight_packed")
@@ -186,7 +211,11 @@ def _grad_x(spec: "OpSpec", layout: Layout, dims: list, dy: te.Tensor, w_elem: C
     """grad_x (as stored) from the placeholders ``dy`` and the weight's element ``w_elem``."""
     g_, k_, o_ = spec.groups, spec.in_features, spec.out_features
     o = te.reduce_axis((0, o_), name="o")
-    if not layout.rows_innermost and spec.weight_layout == "in_out":
+    if vectorises_groups(layout, g_, k_):
+        # Packed (O, K, G): each vector lane is a group (see _forward).
+        wg = te.compute((o_, k_, g_), lambda oo, kk, g: w_elem(g, oo, kk), name=GROUPS_PACK)
+        w_elem = lambda g, oo, kk: wg[oo, kk, g]  # noqa: E731
+    elif not layout.rows_innermost and spec.weight_layout == "in_out":
         # Packed so the innermost (vectorised) axis, K, reads the weight contiguously.
         wt = te.compute((g_, o_, k_), lambda g, oo, kk: w_elem(g, oo, kk), name="weight_packed")
         w_elem = lambda g, oo, kk: wt[g, oo, kk]  # noqa: E731
@@ -240,7 +269,7 @@ def _grad_weight_and_bias(spec: "OpSpec", layout: Layout, dims: list, dy: te.Ten
 def _grad_weight_reference(layout: Layout, inputs, with_bias: bool):
     dy, x = inputs
     dw = torch.einsum(f"{layout.einsum('o')},{layout.einsum('k')}->gok", dy, x)
-    return [dw, dy.sum(dim=layout.row_sum_dims)] if with_bias else [dw]
+    return [dw, torch.einsum(f"{layout.einsum('o')}->go", dy)] if with_bias else [dw]  # (G, O) in any layout
 
 
 # -- backward: grad_input and grad_weight in one kernel, grad_y read by both ----------------------

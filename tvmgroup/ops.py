@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tvmgroup.kernel import Kernel
+from tvmgroup.kernel import BUFFER_ALIGNMENT, Kernel
 from tvmgroup.layouts import layout_of
 from tvmgroup.lookup import kernel_for_call
 from tvmgroup.target import family_for_device
@@ -42,10 +42,10 @@ def _run(op: str, weight: Tensor, layout: str, bias: bool, rows: int, weight_lay
         kernel(*args)
 
 
-# TVM compiles every buffer as aligned to this many bytes (its allocation alignment) and may
-# use aligned vector loads on it. A view into the middle of a tensor (a slice of stacked
-# weights, e.g. one member under ``vmap``) can start anywhere: such inputs run on a copy.
-_ALIGNMENT = 64
+# TVM compiles every buffer as aligned (``BUFFER_ALIGNMENT``) and may use aligned vector loads
+# on it. A view into the middle of a tensor (a slice of stacked weights, e.g. one member under
+# ``vmap``) can start anywhere: such inputs run on a copy.
+_ALIGNMENT = BUFFER_ALIGNMENT
 
 
 def _aligned(t: Tensor) -> Tensor:

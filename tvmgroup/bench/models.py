@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from tvmgroup.bench.formulations import Bmm, Formulation, Instance
-from tvmgroup.bench.runner import TOLERANCE, Result, Settings
+from tvmgroup.bench.runner import TOLERANCE, Result, Settings, training_ops
 from tvmgroup.bench.shapes import BYTES_PER_ELEMENT, MAX_ELEMENTS, parse_positive_ints
 from tvmgroup.bench.timing import Timer, time_calls
 from tvmgroup.lookup import UntunedShapeWarning, schedule_info
@@ -165,7 +165,7 @@ def schedule_note(shape: ModelShape) -> str:
     layers = ((shape.in_features, shape.hidden), (shape.hidden, shape.in_features))
     origins = {
         f"{op} {k}->{o}": schedule_info(op, shape.groups, k, o)["origin"]
-        for k, o in dict.fromkeys(layers) for op in ("forward", "grad_input", "grad_weight")
+        for k, o in dict.fromkeys(layers) for op in training_ops("cpu", "last")
     }
     if len(set(origins.values())) == 1:
         return f"schedules: {next(iter(origins.values()))}"

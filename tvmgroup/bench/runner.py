@@ -191,12 +191,21 @@ def time_formulation(inst: Instance, buffers: list[tuple[Tensor, Tensor]],
     return forward_timing, backward_timing
 
 
-def schedule_origins(shape: Shape, layout: str = "last", weight_layout: str = "out_in") -> str:
-    """Where tvmgroup's three kernels for ``shape`` come from: "default" or a tuning log."""
+def training_ops(device: str, layout: str) -> tuple[str, ...]:
+    """The ops a forward+backward step with every gradient runs: the fused backward where
+    the device's template has it on ``layout``, else grad_input and grad_weight."""
+    from tvmgroup.ops import fuses_backward
+
+    return ("forward", "backward") if fuses_backward(device, layout) else ("forward", "grad_input", "grad_weight")
+
+
+def schedule_origins(shape: Shape, layout: str = "last", weight_layout: str = "out_in", device: str = "cpu") -> str:
+    """Where tvmgroup's kernels for ``shape`` (those a training step runs) come from:
+    "default" or a tuning log."""
     origins = {
         op: schedule_info(op, shape.groups, shape.in_features, shape.out_features, layout=layout,
-                          weight_layout=weight_layout)["origin"]
-        for op in ("forward", "grad_input", "grad_weight")
+                          weight_layout=weight_layout, device=device)["origin"]
+        for op in training_ops(device, layout)
     }
     if len(set(origins.values())) == 1:
         return f"schedules: {next(iter(origins.values()))}"
@@ -222,7 +231,7 @@ def run_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias
         if formulation.is_default:
             result.message = "schedules: default (--compare-default)"
         elif formulation.is_tvmgroup:
-            result.message = schedule_origins(shape, inst.kernel_layout, inst.weight_layout)
+            result.message = schedule_origins(shape, inst.kernel_layout, inst.weight_layout, settings.device)
     except Exception as err:  # a formulation that cannot run here is reported, not fatal
         result.status = "failed"
         result.message = f"{type(err).__name__}: {err}".strip().splitlines()[0][:500]
