@@ -109,12 +109,16 @@ def test_tune_a_model_on_rpc_servers_and_a_new_process_uses_the_log(tracker, tmp
         "x, w, b = torch.randn(100, 16), torch.randn(2, 8, 8), torch.randn(2, 8); "
         "y = tvmgroup.grouped_linear(x, w, b).view(100, 2, 8).double(); "
         "ref = torch.einsum('ngk,gok->ngo', x.double().view(100, 2, 8), w.double()) + b.double(); "
-        "print(json.dumps({'origin': info['origin'], 'rows': info['tuned_rows'], 'err': (y - ref).abs().max().item()}))"
+        "print(json.dumps({'origin': info['origin'], 'rows': info['tuned_rows'], 'log': info['log'], "
+        "'note': info['note'], 'err': (y - ref).abs().max().item()}))"
     )
     used = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
     assert used.returncode == 0, used.stderr
     out = json.loads(used.stdout.strip().splitlines()[-1])
-    assert out["origin"] == "user" and out["rows"] == 256 and out["err"] < 1e-4, out
+    # The log serves: lookup uses it, or keeps the default where the log's best did not beat
+    # the default it measured (three trials may find nothing faster).
+    assert out["log"] and out["rows"] == 256 and out["err"] < 1e-4, out
+    assert out["origin"] == "user" or "within 2%" in out["note"], out
     assert "skipping" not in used.stderr
 
 

@@ -265,10 +265,14 @@ def test_tune_the_fused_backward(tmp_path):
     check = subprocess.run(
         [sys.executable, "-c", "import tvmgroup; from tvmgroup import lookup, check; from tvmgroup.compute import OpSpec; "
          "from tvmgroup.target import cpu_target; k = lookup.kernel_for(OpSpec('backward', 2, 8, 8), cpu_target()); "
-         "check.check_kernel(k, seed=4); print(k.choice.origin)"],
+         "check.check_kernel(k, seed=4); import json; "
+         "print(json.dumps({'origin': k.choice.origin, 'log': k.choice.log, 'note': k.choice.note}))"],
         env=env, capture_output=True, text=True, timeout=300,
     )
-    assert check.stdout.strip() == "user", check.stderr
+    assert check.returncode == 0, check.stderr
+    got = json.loads(check.stdout.strip().splitlines()[-1])
+    # The log serves: lookup uses it, or keeps the default its best did not beat.
+    assert got["log"] and (got["origin"] == "user" or "within 2%" in got["note"]), got
 
 
 def test_default_ops_are_those_the_template_schedules():
