@@ -70,6 +70,14 @@ def _blocks(extent: int, threads: int = PARALLEL_BLOCKS) -> int:
     return min(candidates, key=lambda d: (math.ceil(d / threads) * threads / d, d))
 
 
+def _parallel_blocks_over_chunks(sch: s_tir.Schedule, tiles, chunks, in_chunk) -> None:
+    """Splits the fused loop ``tiles`` into :func:`_blocks` parallel blocks and moves the row
+    chunk loop (``chunks``, then ``in_chunk``) between a block and its tiles."""
+    blocks, in_block = sch.split(tiles, [_blocks(_extent(sch, tiles)), None])
+    sch.reorder(blocks, chunks, in_block, in_chunk)
+    _parallel(sch, blocks)
+
+
 # Set while building a kernel for small calls: the outer loops stay serial, since waking TVM's
 # thread pool costs more than such a call's work (several microseconds per launch).
 _SERIAL: contextvars.ContextVar[bool] = contextvars.ContextVar("tvmgroup_serial_loops", default=False)
@@ -319,11 +327,8 @@ def _schedule_weight_grad(sch, nests: list[_Nest], rows_innermost: bool, knobs: 
             # their tiles.
             n0, n1 = sch.split(nest.reduce[0], [None, chunk], disable_predication=True)
             sch.reorder(g, o0, k0, n0, n1, o1, k1)
-            tiles = sch.fuse(g, o0, k0)
-            blocks, in_block = sch.split(tiles, [_blocks(_extent(sch, tiles)), None])
-            sch.reorder(blocks, n0, in_block, n1)
+            _parallel_blocks_over_chunks(sch, sch.fuse(g, o0, k0), n0, n1)
             nest.reduce = [n0, n1]
-            _parallel(sch, blocks)
         else:
             sch.reorder(g, o0, k0, *nest.reduce, o1, k1)
             _parallel(sch, sch.fuse(g, o0, k0))
@@ -384,11 +389,8 @@ def _schedule_column_sum(sch: s_tir.Schedule, name: str, chunk: int) -> None:
         # PARALLEL_BLOCKS).
         n0, n1 = sch.split(reduce[0], [None, chunk], disable_predication=True)
         sch.reorder(g, o0, n0, n1, o1)
-        columns = sch.fuse(g, o0)
-        blocks, in_block = sch.split(columns, [_blocks(_extent(sch, columns)), None])
-        sch.reorder(blocks, n0, in_block, n1)
+        _parallel_blocks_over_chunks(sch, sch.fuse(g, o0), n0, n1)
         reduce = [n0, n1]
-        _parallel(sch, blocks)
     else:
         sch.reorder(g, *reduce, o0, o1)
         _parallel(sch, g)

@@ -112,10 +112,7 @@ class Kernel:
             if _span(t) > MAX_KERNEL_ELEMENTS:
                 self._call_in_chunks(*args)
                 return
-        if self.row_tile == 1:
-            self._main(*args)
-        else:
-            self._call_fitting(*args)
+        self._call_fitting(*args)
 
     def _call_in_chunks(self, *args: torch.Tensor) -> None:
         """Tensors past 32-bit indexing run as several calls, each within it, on views along

@@ -191,11 +191,15 @@ def default_seconds(meta: dict) -> float | None:
     return float(value) if math.isfinite(value) and value > 0 else None
 
 
-def beats_default(log: TuningLog, best_seconds: float) -> bool:
-    """Whether ``log``'s best (``best_seconds``) beat its default by MIN_GAIN_OVER_DEFAULT;
-    True for a log that recorded no default (made before logs recorded it)."""
-    default = default_seconds(log.meta)
+def best_beats(best_seconds: float, default: float | None) -> bool:
+    """Whether a best latency beat the default's by MIN_GAIN_OVER_DEFAULT; True where no
+    default was recorded (a log made before logs recorded it)."""
     return default is None or best_seconds * MIN_GAIN_OVER_DEFAULT <= default
+
+
+def beats_default(log: TuningLog, best_seconds: float) -> bool:
+    """Whether ``log``'s best (``best_seconds``) beat the default it recorded."""
+    return best_beats(best_seconds, default_seconds(log.meta))
 
 
 def best_record(log: TuningLog, spec: OpSpec) -> BestRecord:

@@ -59,20 +59,21 @@ def as_out_in(weight: torch.Tensor, weight_layout: str) -> torch.Tensor:
 
 
 def bias_shape(groups: int, out_features: int, bias_layout: str) -> tuple[int, ...]:
-    return {"grouped": (groups, out_features), "broadcast": (groups, 1, out_features), "flat": (groups * out_features,)}[
-        bias_layout
-    ]
+    if bias_layout == "grouped":
+        return (groups, out_features)
+    if bias_layout == "broadcast":
+        return (groups, 1, out_features)
+    if bias_layout == "flat":
+        return (groups * out_features,)
+    raise KeyError(bias_layout)
 
 
 def bias_layout_of(shape, groups: int, out_features: int) -> str | None:
     """The name of the bias layout of ``shape``, or None if it is none of them."""
     shape = tuple(shape)
-    if shape == (groups, out_features):
-        return "grouped"
-    if shape == (groups, 1, out_features):
-        return "broadcast"
-    if shape == (groups * out_features,):
-        return "flat"
+    for name in BIAS_LAYOUTS:
+        if shape == bias_shape(groups, out_features, name):
+            return name
     return None
 
 

@@ -35,7 +35,7 @@ from tvmgroup.compute import OpSpec, ir_module
 from tvmgroup.schedules import DefaultTraceKnobs
 from tvmgroup.target import family_of, target_key
 from tvmgroup.logs import (
-    FORMAT, MIN_GAIN_OVER_DEFAULT, RECORDS, WORKLOADS, count_records, default_seconds, log_dir, mean_secs, prune,
+    FORMAT, RECORDS, WORKLOADS, best_beats, count_records, default_seconds, log_dir, mean_secs, prune,
     read_meta, read_records, write_meta,
 )
 from tvmgroup.paths import home
@@ -92,7 +92,7 @@ class TuneResult:
     @property
     def beats_default(self) -> bool:
         """Whether run-time lookup will use this log (its best beat the default)."""
-        return self.default_seconds is None or self.best_seconds * MIN_GAIN_OVER_DEFAULT <= self.default_seconds
+        return best_beats(self.best_seconds, self.default_seconds)
 
 
 def _best_seconds(path: Path) -> float:
