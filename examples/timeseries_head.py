@@ -8,7 +8,8 @@ seasonal rest, and each channel's trend and seasonal parts go through that chann
 Python. The output is ``(batch, pred_len, channels)``.
 
 The tvmgroup version replaces each ``ModuleList`` by one ``GroupedLinear(channels, seq_len,
-pred_len)``. Run ``python examples/timeseries_head.py`` to compare the two on random data,
+pred_len, layout="groups_last")``, which takes the series as it is: ``(..., K, G)`` with K the
+time steps and G the channels. Run ``python examples/timeseries_head.py`` to compare the two on random data,
 ``--time`` to time a forward and backward pass of each.
 """
 
@@ -59,24 +60,20 @@ class DLinear(nn.Module):
 
 
 class GroupedDLinear(nn.Module):
-    """The same model with one ``GroupedLinear`` (groups = channels) per component."""
+    """The same model with one ``GroupedLinear`` (groups = channels) per component, in the
+    groups-innermost layout: it reads the ``(B, L, C)`` series and writes ``(B, pred_len, C)``
+    as they are, with no transpose or copy around it."""
 
     def __init__(self, seq_len: int, pred_len: int, channels: int, kernel_size: int = 25) -> None:
         super().__init__()
         self.channels, self.pred_len = channels, pred_len
         self.trend = MovingAverage(kernel_size)
-        self.seasonal_heads = GroupedLinear(channels, seq_len, pred_len)
-        self.trend_heads = GroupedLinear(channels, seq_len, pred_len)
+        self.seasonal_heads = GroupedLinear(channels, seq_len, pred_len, layout="groups_last")
+        self.trend_heads = GroupedLinear(channels, seq_len, pred_len, layout="groups_last")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, C) -> (B, pred_len, C)
-        batch = x.shape[0]
         trend = self.trend(x)
-        # (B, L, C) -> (B, C*L) for the features-last layout (a copy), and back after. A
-        # groups-innermost layout would read (B, L, C) and write (B, pred_len, C) directly.
-        seasonal = (x - trend).transpose(1, 2).reshape(batch, -1)
-        trend = trend.transpose(1, 2).reshape(batch, -1)
-        out = self.seasonal_heads(seasonal) + self.trend_heads(trend)  # (B, C*pred_len)
-        return out.view(batch, self.channels, self.pred_len).transpose(1, 2)
+        return self.seasonal_heads(x - trend) + self.trend_heads(trend)
 
     @classmethod
     def from_original(cls, model: DLinear) -> "GroupedDLinear":

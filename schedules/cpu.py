@@ -101,7 +101,7 @@ def _parallel(sch: s_tir.Schedule, loop) -> None:
 # Layouts whose fused backward ("backward": grad_input and grad_weight in one kernel) this
 # template schedules; on any other layout the backward runs the two ops
 # (:func:`tvmgroup.schedules.supports`).
-FUSED_BACKWARD_LAYOUTS = frozenset({"last", "conv", "ensemble"})
+FUSED_BACKWARD_LAYOUTS = frozenset({"last", "conv", "ensemble", "heads"})
 
 
 def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: Knobs, tail: bool = False) -> None:

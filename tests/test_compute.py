@@ -29,7 +29,7 @@ def test_grad_input_spec_ignores_bias():
     "kwargs, match",
     [
         ({"op": "grad_bias"}, r"op must be one of \('forward', 'grad_input', 'grad_weight', 'backward'\), got 'grad_bias'"),
-        ({"layout": "nlc"}, r"layout must be one of \('last', 'conv', 'ensemble', 'groups_last'\), got 'nlc'"),
+        ({"layout": "nlc"}, r"layout must be one of \('last', 'conv', 'ensemble', 'groups_last', 'heads'\), got 'nlc'"),
         ({"groups": 0}, "groups must be a positive int, got 0"),
         ({"in_features": 2.5}, "in_features must be a positive int, got 2.5"),
         ({"out_features": -3}, "out_features must be a positive int, got -3"),
@@ -92,6 +92,7 @@ _USER_SHAPES = {  # (x, y) in each layout's user shape
     "conv": ((2, G * K, 7), (2, G * O, 7)),
     "ensemble": ((G, 13, K), (G, 13, O)),
     "groups_last": ((13, K, G), (13, O, G)),
+    "heads": ((13, G, K), (13, G, O)),
 }
 
 

@@ -84,7 +84,7 @@ def test_forward_backward_match_float64(shape, layout, dtype, ref_grads):
     g, k, o = shape
     for rows in (1, 7, 300):
         x_shape = {"last": (rows, g * k), "conv": (2, g * k, rows), "ensemble": (g, rows, k),
-                   "groups_last": (rows, k, g)}[layout]
+                   "groups_last": (rows, k, g), "heads": (rows, g, k)}[layout]
         x = torch.randn(x_shape, device="cuda").to(dtype).requires_grad_()
         weight = torch.randn(g, o, k, device="cuda").to(dtype).requires_grad_()
         bias = torch.randn(g, o, device="cuda").to(dtype).requires_grad_()

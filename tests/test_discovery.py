@@ -68,13 +68,14 @@ def test_op_shapes_follow_what_needs_gradients():
     assert {s.spec.op for s in forward_only} == {"forward"}
 
 
-@pytest.mark.parametrize("layout, x_shape", [("last", (7, 8)), ("conv", (2, 8, 5)), ("shared", (7, 4))])
+@pytest.mark.parametrize("layout, x_shape", [("last", (7, 8)), ("conv", (2, 8, 5)), ("shared", (7, 4)),
+                                             ("shared_last", (7, 4)), ("heads", (7, 2, 4))])
 def test_a_layer_whose_input_and_parameters_need_gradients_runs_the_fused_backward(layout, x_shape, monkeypatch):
     from tvmgroup import ops, schedules
 
     layer = GroupedLinear(2, 4, 4, layout=layout)
     x = torch.randn(x_shape, requires_grad=True)
-    kernel_layout = "ensemble" if layout == "shared" else layout
+    kernel_layout = {"shared": "ensemble", "shared_last": "heads"}.get(layout, layout)
     assert {s.spec.op for s in op_shapes(find_layers(layer, x))} == {"forward", "backward"}
     (backward,) = [s.spec for s in op_shapes(find_layers(layer, x)) if s.spec.op == "backward"]
     assert backward == OpSpec("backward", 2, 4, 4, layout=kernel_layout)

@@ -16,6 +16,7 @@ import torch
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp
 
 from tvmgroup import grouped_linear
+from tvmgroup.layouts import SHARED_INPUTS
 from tvmgroup.ops import backward_op, grad_input_op, grad_weight_op, grouped_linear_op
 from tvmgroup.schedules import supports
 from tvmgroup.weights import bias_shape, weight_shape
@@ -43,14 +44,16 @@ CASES = {
     "ensemble-in_out": Case("ensemble", "in_out", "broadcast"),
     "shared-in_out": Case("shared", "in_out", "broadcast"),
     "groups_last": Case("groups_last"),
+    "heads": Case("heads"),
+    "shared_last-in_out": Case("shared_last", "in_out", "broadcast"),
     "groups_last-in_out": Case("groups_last", "in_out", "flat"),
 }
 
 
 def _x_shape(case: str) -> tuple[int, ...]:
     return {
-        "last": (7, G * K), "conv": (2, G * K, 6), "ensemble": (G, 2, 3, K), "shared": (7, K),
-        "groups_last": (2, 3, K, G),
+        "last": (7, G * K), "conv": (2, G * K, 6), "ensemble": (G, 2, 3, K), "shared": (7, K), "shared_last": (2, 3, K),
+        "groups_last": (2, 3, K, G), "heads": (2, 3, G, K),
     }[CASES[case].layout]
 
 
@@ -73,6 +76,10 @@ def _linear64(x, weight, bias, case="last"):
     if c.layout == "groups_last":
         y = torch.einsum("...kg,gok->...og", x, w)
         return y + b.t() if b is not None else y
+    if c.layout in ("heads", "shared_last"):
+        y = torch.einsum("...gk,gok->...go" if c.layout == "heads" else "...k,gok->...go", x, w)
+        y = y + b if b is not None else y
+        return y if c.layout == "heads" else y.flatten(-2)
     rows = x.shape[1:-1] if c.layout == "ensemble" else x.shape[:-1]
     y = torch.einsum("g...k,gok->g...o" if c.layout == "ensemble" else "...k,gok->g...o", x, w)
     if b is not None:
@@ -89,8 +96,9 @@ def _op(x, weight, bias, case="last"):
     """The registered op, called directly (as under compile, export, modes or subclasses);
     a shared input expanded over the groups, as the functional form passes it."""
     c = CASES[case]
-    if c.layout == "shared":
-        return grouped_linear_op(x.expand(G, *x.shape), weight, bias, "ensemble", c.weight_layout)
+    shared = SHARED_INPUTS.get(c.layout)
+    if shared is not None:
+        return shared.output(grouped_linear_op(shared.expand(x, G), weight, bias, shared.kernel_layout, c.weight_layout))
     return grouped_linear_op(x, weight, bias, c.layout, c.weight_layout)
 
 
@@ -348,14 +356,14 @@ def test_diversity_loss_with_ensemble_parameters():
 
 
 # the kernel layouts, each with both weight conventions
-OP_CASES = [c for c in CASES if CASES[c].layout != "shared"]
+OP_CASES = [c for c in CASES if CASES[c].layout not in SHARED_INPUTS]
 # The registered fused backward runs where the CPU template schedules it.
 FUSED_CASES = [c for c in OP_CASES if supports("llvm", "backward", CASES[c].layout)]
 
 
 def _rows_tensor(case: str, features: int) -> torch.Tensor:
     shape = {"last": (13, G * features), "conv": (2, G * features, 13), "ensemble": (G, 13, features),
-             "groups_last": (13, features, G)}
+             "groups_last": (13, features, G), "heads": (13, G, features)}
     return torch.randn(shape[CASES[case].layout], requires_grad=True)
 
 

@@ -23,6 +23,8 @@ def _x_shapes(layout: str, groups: int, in_features: int) -> list[tuple[int, ...
         return [(*lead, groups * in_features) for lead in LAST_LEADING]
     if layout == "groups_last":  # (..., K, G): rows as for "last"
         return [(*lead, in_features, groups) for lead in LAST_LEADING]
+    if layout == "heads":  # (..., G, K): rows as for "last"
+        return [(*lead, groups, in_features) for lead in LAST_LEADING]
     return [(b, groups * in_features, l) for b, l in CONV_BL]
 
 
@@ -41,7 +43,7 @@ def _check_forward_backward(x, weight, bias, layout, ref_grads, close) -> None:
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last", "heads"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_forward_and_backward_match_float64(shape, layout, bias, inputs, ref_grads, close):
     g, k, o = shape
@@ -50,9 +52,9 @@ def test_forward_and_backward_match_float64(shape, layout, bias, inputs, ref_gra
         _check_forward_backward(x, weight, b, layout, ref_grads, close)
 
 
-@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last", "heads"])
 def test_extra_leading_dims_and_prime_length(layout, inputs, ref_grads, close):
-    shape = {"last": (2, 3, 15), "conv": (3, 15, 31), "groups_last": (2, 3, 5, 3)}[layout]
+    shape = {"last": (2, 3, 15), "conv": (3, 15, 31), "groups_last": (2, 3, 5, 3), "heads": (2, 3, 3, 5)}[layout]
     x, weight, b = inputs(3, 5, 4, shape)
     _check_forward_backward(x, weight, b, layout, ref_grads, close)
 
@@ -138,14 +140,14 @@ def test_non_contiguous_weight(inputs, ref_grads, close):
     _check_forward_backward(x, weight, bias, "last", ref_grads, close)
 
 
-@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last", "heads"])
 def test_empty_batch(layout, inputs):
-    shape = {"last": (0, 15), "conv": (0, 15, 7), "groups_last": (0, 5, 3)}[layout]
+    shape = {"last": (0, 15), "conv": (0, 15, 7), "groups_last": (0, 5, 3), "heads": (0, 3, 5)}[layout]
     x, weight, bias = inputs(3, 5, 4, shape)
     for t in (x, weight, bias):
         t.requires_grad_()
     y = grouped_linear(x, weight, bias, layout=layout)
-    assert y.shape == {"last": (0, 12), "conv": (0, 12, 7), "groups_last": (0, 4, 3)}[layout]
+    assert y.shape == {"last": (0, 12), "conv": (0, 12, 7), "groups_last": (0, 4, 3), "heads": (0, 3, 4)}[layout]
     y.sum().backward()
     assert x.grad.shape == x.shape
     assert torch.equal(weight.grad, torch.zeros_like(weight))
@@ -157,10 +159,10 @@ def test_one_dim_input(inputs, ref_grads, close):
     _check_forward_backward(x, weight, bias, "last", ref_grads, close)
 
 
-@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last", "heads"])
 def test_broadcast_upstream_gradient(layout, inputs, ref_grads, close):
     """y.sum().backward() hands the backward an expanded (stride 0) grad_y."""
-    x, weight, bias = inputs(3, 5, 4, {"last": (13, 15), "conv": (2, 15, 13), "groups_last": (13, 5, 3)}[layout])
+    x, weight, bias = inputs(3, 5, 4, {"last": (13, 15), "conv": (2, 15, 13), "groups_last": (13, 5, 3), "heads": (13, 3, 5)}[layout])
     for t in (x, weight, bias):
         t.requires_grad_()
     y = grouped_linear(x, weight, bias, layout=layout)
@@ -186,10 +188,10 @@ def _unaligned(shape: tuple[int, ...]) -> torch.Tensor:
     return t
 
 
-@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last", "heads"])
 def test_unaligned_tensors(layout, ref_grads, close):
     """Kernels assume aligned buffers: inputs that start mid-storage run on a copy."""
-    x = _unaligned({"last": (13, 15), "conv": (2, 15, 7), "groups_last": (13, 5, 3)}[layout])
+    x = _unaligned({"last": (13, 15), "conv": (2, 15, 7), "groups_last": (13, 5, 3), "heads": (13, 3, 5)}[layout])
     _check_forward_backward(x, _unaligned((3, 4, 5)), _unaligned((3, 4)), layout, ref_grads, close)
 
 
@@ -296,36 +298,43 @@ def test_ensemble_layout_under_vmap(close):
 
 
 # ---------------------------------------------------------------------------------------------
-# layout="shared": one input (..., K) read by every group -> (G, ..., O)
+# layout="shared": one input (..., K) read by every group -> (G, ..., O); "shared_last": the
+# same input -> (..., G*O) (it runs on the "heads" kernels)
 
 
+@pytest.mark.parametrize("layout", ["shared", "shared_last"])
 @pytest.mark.parametrize("weight_layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("lead", [(1,), (37,), (2, 5), ()], ids=["one-row", "rows", "2d-rows", "1d-x"])
-def test_shared_input_matches_float64(lead, weight_layout, ref_grads, close):
+def test_shared_input_matches_float64(lead, weight_layout, layout, ref_grads, close):
     """The first layer of an ensemble: x (B, K) for every member; grad_x sums over them."""
+    from tvmgroup.layouts import SHARED_INPUTS
     from tvmgroup.weights import as_out_in, weight_shape
 
+    shared = SHARED_INPUTS[layout]
     g, k, o = 5, 12, 7
     x = torch.randn(*lead, k, requires_grad=True)
     weight = torch.randn(weight_shape(g, k, o, weight_layout), requires_grad=True)
     bias = torch.randn(g, 1, o, requires_grad=True)
-    y = grouped_linear(x, weight, bias, layout="shared", weight_layout=weight_layout)
-    assert y.shape == (g, *lead, o)
+    y = grouped_linear(x, weight, bias, layout=layout, weight_layout=weight_layout)
+    assert y.shape == ((g, *lead, o) if layout == "shared" else (*lead, g * o))
     grad_y = torch.randn_like(y)
-    x_members = x.detach().expand(g, *x.shape)
-    expect = ref_grads(x_members, as_out_in(weight.detach(), weight_layout), bias.detach().reshape(g, o), grad_y, "ensemble")
-    close(y, *expect["y"], what="y")
+    grad_y_k = grad_y if layout == "shared" else grad_y.unflatten(-1, (g, o))
+    x_members = shared.expand(x.detach(), g)
+    expect = ref_grads(x_members, as_out_in(weight.detach(), weight_layout), bias.detach().reshape(g, o), grad_y_k,
+                       shared.kernel_layout)
+    value, mag, depth = expect["y"]
+    close(y, value.reshape(y.shape), mag.reshape(y.shape), depth, what="y")
     y.backward(grad_y)
     value, mag, depth = expect["x"]  # per member: the input's gradient is their sum
-    close(x.grad, value.sum(0), mag.sum(0), depth + g, what="grad_x")
+    close(x.grad, value.sum(shared.group_axis), mag.sum(shared.group_axis), depth + g, what="grad_x")
     value, mag, depth = expect["weight"]
     close(weight.grad, as_out_in(value, weight_layout), as_out_in(mag, weight_layout), depth, what="grad_weight")
     value, mag, depth = expect["bias"]
     close(bias.grad, value.reshape(g, 1, o), mag.reshape(g, 1, o), depth, what="grad_bias")
 
 
-def test_shared_input_is_read_in_place(monkeypatch):
-    """The kernels get the input expanded over the groups (stride 0), not a G-fold copy."""
+def _kernel_inputs(monkeypatch) -> list:
+    """(op, kernel layout, strides and data pointer of its first tensor) of each kernel call."""
     from tvmgroup import ops
 
     seen = []
@@ -336,23 +345,33 @@ def test_shared_input_is_read_in_place(monkeypatch):
         return real(op, weight, layout, bias, rows, weight_layout, *args)
 
     monkeypatch.setattr(ops, "_run", spy)
+    return seen
+
+
+@pytest.mark.parametrize("layout, kernel_layout, strides", [("shared", "ensemble", (0, 12, 1)),
+                                                            ("shared_last", "heads", (12, 0, 1))])
+def test_shared_input_is_read_in_place(layout, kernel_layout, strides, monkeypatch):
+    """The kernels get the input expanded over the groups (stride 0), not a G-fold copy."""
+    seen = _kernel_inputs(monkeypatch)
     x = torch.randn(37, 12)
-    grouped_linear(x, torch.randn(5, 12, 7), layout="shared", weight_layout="in_out")
-    assert seen == [("forward", "ensemble", (0, 12, 1), x.data_ptr())]
+    grouped_linear(x, torch.randn(5, 12, 7), layout=layout, weight_layout="in_out")
+    assert seen == [("forward", kernel_layout, strides, x.data_ptr())]
 
 
-def test_shared_input_errors():
-    with pytest.raises(ValueError, match=r"layout='shared' expects x of shape \(..., in_features=12\), read by every group; got x of shape \(37, 10\)"):
-        grouped_linear(torch.randn(37, 10), torch.randn(5, 12, 7), layout="shared", weight_layout="in_out")
-    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv', 'ensemble', 'groups_last', 'shared'\), got 'share'"):
+@pytest.mark.parametrize("layout", ["shared", "shared_last"])
+def test_shared_input_errors(layout):
+    with pytest.raises(ValueError, match=rf"layout='{layout}' expects x of shape \(..., in_features=12\), read by every group; got x of shape \(37, 10\)"):
+        grouped_linear(torch.randn(37, 10), torch.randn(5, 12, 7), layout=layout, weight_layout="in_out")
+    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv', 'ensemble', 'groups_last', 'heads', 'shared', 'shared_last'\), got 'share'"):
         grouped_linear(torch.randn(37, 12), torch.randn(5, 12, 7), layout="share")
 
 
-def test_shared_input_layer_and_compile():
+@pytest.mark.parametrize("layout, out_shape", [("shared", (5, 9, 7)), ("shared_last", (9, 35))])
+def test_shared_input_layer_and_compile(layout, out_shape):
     from tvmgroup import GroupedLinear
 
     torch._dynamo.reset()
-    layer = GroupedLinear(5, 12, 7, layout="shared", weight_layout="in_out", bias_layout="broadcast")
+    layer = GroupedLinear(5, 12, 7, layout=layout, weight_layout="in_out", bias_layout="broadcast")
     x = torch.randn(9, 12)
     compiled = torch.compile(layer, fullgraph=True)
     results = []
@@ -362,9 +381,41 @@ def test_shared_input_layer_and_compile():
         out = fn(xi)
         out.pow(2).sum().backward()
         results.append((out.detach(), xi.grad, layer.weight.grad, layer.bias.grad))
-    assert results[0][0].shape == (5, 9, 7)
+    assert results[0][0].shape == out_shape
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# layout="heads": (..., G, K) -> (..., G, O), inputs read in place at any strides
+
+
+def test_heads_reads_strided_inputs_in_place(monkeypatch, ref_grads, close):
+    """Heads sliced out of a bigger tensor (rows and groups strided, features contiguous) go
+    to the kernels as they are, forward and backward; the results match float64."""
+    seen = _kernel_inputs(monkeypatch)
+    g, k, o = 3, 8, 5
+    base = torch.randn(13, 2, g + 1, 16)
+    x = base[:, 1, 1:, :k].requires_grad_()  # (13, 3, 8), strides (128, 16, 1), 64-byte aligned
+    assert x.data_ptr() % 64 == 0
+    weight = torch.randn(g, o, k, requires_grad=True)
+    bias = torch.randn(g, o, requires_grad=True)
+    y = grouped_linear(x, weight, bias, layout="heads")
+    assert y.shape == (13, g, o)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    assert seen[0] == ("forward", "heads", x.stride(), x.data_ptr())
+    assert [op for op, *_ in seen] == ["forward", "backward"]
+    expect = ref_grads(x.detach(), weight.detach(), bias.detach(), grad_y, "heads")
+    close(y, *expect["y"], what="y")
+    close(x.grad, *expect["x"], what="grad_x")
+    close(weight.grad, *expect["weight"], what="grad_weight")
+    close(bias.grad, *expect["bias"], what="grad_bias")
+
+
+def test_heads_errors():
+    with pytest.raises(ValueError, match=r"layout='heads' expects x of shape \(..., groups, in_features\) = \(..., 3, 8\), got x of shape \(13, 24\)"):
+        grouped_linear(torch.randn(13, 24), torch.randn(3, 5, 8), layout="heads")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -443,7 +443,7 @@ def test_tensors_past_the_index_limit_run_in_chunks(monkeypatch, layout, ref_gra
     # "last", "ensemble": 203 rows; "conv": 41 batch items of length 8 (the chunks split the batch)
     def shape(features):
         return {"last": (203, G, features), "conv": (41, G, features, 8), "ensemble": (G, 203, features),
-                "groups_last": (203, features, G)}[layout]
+                "groups_last": (203, features, G), "heads": (203, G, features)}[layout]
 
     x, grad_y = torch.randn(shape(K)), torch.randn(shape(O))
     weight, bias = torch.randn(G, O, K), torch.randn(G, O)

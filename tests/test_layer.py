@@ -74,7 +74,7 @@ def test_groups_last_layer_trains_like_per_channel_linears(weight_layout, bias_l
         ({"in_features": -1}, "in_features must be a positive int, got -1"),
         ({"out_features": 2.0}, "out_features must be a positive int, got 2.0"),
         ({"groups": True}, "groups must be a positive int, got True"),
-        ({"layout": "nlc"}, r"layout must be one of \('last', 'conv', 'ensemble', 'groups_last', 'shared'\), got 'nlc'"),
+        ({"layout": "nlc"}, r"layout must be one of \('last', 'conv', 'ensemble', 'groups_last', 'heads', 'shared', 'shared_last'\), got 'nlc'"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, match):

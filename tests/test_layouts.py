@@ -9,9 +9,9 @@ from tvmgroup.layouts import LAYOUTS, layout_of
 
 
 def test_registry_and_unknown_name():
-    assert tuple(LAYOUTS) == ("last", "conv", "ensemble", "groups_last")
+    assert tuple(LAYOUTS) == ("last", "conv", "ensemble", "groups_last", "heads")
     assert layout_of("conv") is LAYOUTS["conv"]
-    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv', 'ensemble', 'groups_last'\), got 'rows'"):
+    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv', 'ensemble', 'groups_last', 'heads'\), got 'rows'"):
         layout_of("rows")
 
 

@@ -16,7 +16,7 @@ from tvmgroup import GroupedLinear
 G, K, O, MEMBERS = 3, 4, 5, 4  # 60 weights per member: members' slices are not 64-byte aligned
 # (layout, weight_layout): every layout, and the (G, K, O) weight of ensemble code.
 CASES = [("last", "out_in"), ("conv", "out_in"), ("ensemble", "in_out"), ("shared", "in_out"), ("last", "in_out"),
-         ("groups_last", "out_in")]
+         ("groups_last", "out_in"), ("heads", "out_in"), ("shared_last", "in_out")]
 CASE_IDS = [f"{layout}-{weight_layout}" for layout, weight_layout in CASES]
 
 
@@ -24,7 +24,8 @@ def _x_shape(layout: str, in_features: int) -> tuple[int, ...]:
     """An input of the first layer (``in_features`` per group)."""
     return {
         "last": (6, G * in_features), "conv": (2, G * in_features, 5), "ensemble": (G, 6, in_features),
-        "shared": (6, in_features), "groups_last": (6, in_features, G),
+        "shared": (6, in_features), "groups_last": (6, in_features, G), "heads": (6, G, in_features),
+        "shared_last": (6, in_features),
     }[layout]
 
 
@@ -33,6 +34,10 @@ def _linear64(x, weight, bias, layout, weight_layout="out_in"):
     g, o, k = w.shape
     if layout == "groups_last":
         return torch.einsum("nkg,gok->nog", x, w) + bias.t()
+    if layout == "heads":
+        return torch.einsum("...gk,gok->...go", x, w) + bias
+    if layout == "shared_last":
+        return (torch.einsum("...k,gok->...go", x, w) + bias).flatten(-2)
     if layout == "last":
         y = torch.einsum("ngk,gok->ngo", x.reshape(-1, g, k), w) + bias
         return y.reshape(*x.shape[:-1], g * o)
@@ -66,7 +71,7 @@ class _Block(nn.Module):
 
 
 def _second_layout(layout: str) -> str:
-    return "ensemble" if layout == "shared" else layout
+    return {"shared": "ensemble", "shared_last": "last"}.get(layout, layout)
 
 
 def _block64(params: dict, x, layout, weight_layout="out_in"):

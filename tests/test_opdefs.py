@@ -38,7 +38,7 @@ def test_grad_input_ignores_the_bias():
 def test_reference_pass_agrees_with_autograd(layout, bias):
     """The three ops' references are the forward and the exact gradients of the forward."""
     lay = layout_of(layout)
-    shape = {"last": (6, 2 * 3), "conv": (2, 2 * 3, 5), "ensemble": (2, 6, 3), "groups_last": (6, 3, 2)}[layout]
+    shape = {"last": (6, 2 * 3), "conv": (2, 2 * 3, 5), "ensemble": (2, 6, 3), "groups_last": (6, 3, 2), "heads": (6, 2, 3)}[layout]
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, 4, dtype=torch.float64, requires_grad=True) if bias else None

@@ -13,7 +13,7 @@ G, K, O = 3, 5, 4
 
 def _rows(layout: str, features: int) -> tuple[int, ...]:
     """A row-indexed tensor's user shape in ``layout`` (13 rows; conv: 2 x 13)."""
-    return {"last": (13, G * features), "conv": (2, G * features, 13), "groups_last": (13, features, G)}[layout]
+    return {"last": (13, G * features), "conv": (2, G * features, 13), "groups_last": (13, features, G), "heads": (13, G, features)}[layout]
 
 
 def _opcheck(op, args) -> None:
@@ -21,7 +21,7 @@ def _opcheck(op, args) -> None:
     torch.library.opcheck(op, args, raise_exception=True)
 
 
-@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last", "heads"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_opcheck_forward(layout, bias):
     x = torch.randn(_rows(layout, K), requires_grad=True)
@@ -30,13 +30,13 @@ def test_opcheck_forward(layout, bias):
     _opcheck(grouped_linear_op, (x, weight, b, layout))
 
 
-@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last", "heads"])
 def test_opcheck_grad_input(layout):
     grad_y = torch.randn(_rows(layout, O))
     _opcheck(grad_input_op, (grad_y, torch.randn(G, O, K), layout))
 
 
-@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last", "heads"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_opcheck_grad_weight(layout, with_bias):
     grad_y, x = torch.randn(_rows(layout, O)), torch.randn(_rows(layout, K))
@@ -62,12 +62,13 @@ def _grads_of(module: torch.nn.Module, fn, x: torch.Tensor) -> tuple[torch.Tenso
     return out.detach(), [x.grad] + [p.grad for p in module.parameters()]
 
 
-@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last", "heads"])
 def test_torch_compile_fullgraph_matches_eager(layout):
     torch._dynamo.reset()
     module = _Block(layout)
     compiled = torch.compile(module, fullgraph=True)
-    shapes = {"last": [(13, G * K), (7, G * K)], "conv": [(2, G * K, 13)], "groups_last": [(13, K, G), (2, 7, K, G)]}
+    shapes = {"last": [(13, G * K), (7, G * K)], "conv": [(2, G * K, 13)], "groups_last": [(13, K, G), (2, 7, K, G)],
+              "heads": [(13, G, K), (2, 7, G, K)]}
     for shape in shapes[layout]:
         x = torch.randn(shape)
         out_eager, grads_eager = _grads_of(module, module, x)
@@ -179,13 +180,13 @@ def test_forward_ad_dual_tensors():
     _close(tangent, _ref64(tx, w, torch.zeros_like(b)))
 
 
-@pytest.mark.parametrize("layout", ["last", "conv", "groups_last"])
+@pytest.mark.parametrize("layout", ["last", "conv", "groups_last", "heads"])
 def test_vmap_over_inputs_joins_rows(layout):
     from torch.func import vmap
 
     from tvmgroup import grouped_linear
 
-    x, w, b = _params({"last": (6, 5, 12), "conv": (6, 2, 12, 7), "groups_last": (6, 5, 4, 3)}[layout])
+    x, w, b = _params({"last": (6, 5, 12), "conv": (6, 2, 12, 7), "groups_last": (6, 5, 4, 3), "heads": (6, 5, 3, 4)}[layout])
     got = vmap(lambda xi: grouped_linear(xi, w, b, layout=layout))(x)
     _close(got, torch.stack([_ref64(xi, w, b, layout) for xi in x]))
 
@@ -270,7 +271,8 @@ def ran_ops(monkeypatch) -> list[str]:
     return calls
 
 
-_X_SHAPES = {"last": (7, G * K), "conv": (2, G * K, 6), "ensemble": (G, 7, K), "shared": (7, K)}
+_X_SHAPES = {"last": (7, G * K), "conv": (2, G * K, 6), "ensemble": (G, 7, K), "heads": (7, G, K), "shared": (7, K),
+             "shared_last": (7, K)}
 
 
 def _backward_ops(layout: str, needs: tuple[bool, bool, bool], calls: list[str], **kwargs) -> list[str]:
@@ -284,7 +286,7 @@ def _backward_ops(layout: str, needs: tuple[bool, bool, bool], calls: list[str],
     return list(calls)
 
 
-@pytest.mark.parametrize("layout", ["last", "conv", "ensemble", "shared"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble", "heads", "shared", "shared_last"])
 def test_eager_backward_runs_the_fused_op_where_x_and_a_parameter_need_gradients(layout, ran_ops):
     assert _backward_ops(layout, (True, True, True), ran_ops) == ["backward"]
     assert _backward_ops(layout, (True, True, False), ran_ops) == ["backward"]
@@ -337,15 +339,17 @@ def test_cuda_backward_runs_the_two_ops():
 @pytest.mark.parametrize("rows", [1, 13, 97, 256])
 @pytest.mark.parametrize("weight_layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("layout", ["last", "conv", "ensemble", "shared"])
+@pytest.mark.parametrize("layout", ["last", "conv", "ensemble", "heads", "shared", "shared_last"])
 @pytest.mark.parametrize("path", ["eager", "op"])
 def test_fused_backward_matches_float64(path, layout, bias, weight_layout, rows, ran_ops, ref_grads, close):
     """Gradients from the fused op (eager path, and the registered op's autograd) against
     float64, at row counts that are not multiples of the row tile."""
-    from tvmgroup.layouts import SHARED_INPUT_KERNELS
+    from tvmgroup.layouts import SHARED_INPUTS
     from tvmgroup.weights import as_out_in, weight_shape
 
-    shape = {"last": (rows, G * K), "conv": (2, G * K, rows), "ensemble": (G, rows, K), "shared": (rows, K)}[layout]
+    shape = {"last": (rows, G * K), "conv": (2, G * K, rows), "ensemble": (G, rows, K), "heads": (rows, G, K)}.get(
+        layout, (rows, K))
+    shared = SHARED_INPUTS.get(layout)
     x = torch.randn(shape, requires_grad=True)
     weight = torch.randn(weight_shape(G, K, O, weight_layout), requires_grad=True)
     b = torch.randn(G, O, requires_grad=True) if bias else None
@@ -354,17 +358,20 @@ def test_fused_backward_matches_float64(path, layout, bias, weight_layout, rows,
 
         y = grouped_linear(x, weight, b, layout=layout, weight_layout=weight_layout)
     else:
-        kernel_layout = SHARED_INPUT_KERNELS if layout == "shared" else layout
-        xk = x.expand(G, *x.shape) if layout == "shared" else x
-        y = grouped_linear_op(xk, weight, b, kernel_layout, weight_layout)
+        if shared is None:
+            y = grouped_linear_op(x, weight, b, layout, weight_layout)
+        else:
+            y = shared.output(grouped_linear_op(shared.expand(x, G), weight, b, shared.kernel_layout, weight_layout))
     grad_y = torch.randn_like(y)
     del ran_ops[:]
     y.backward(grad_y)
     assert ran_ops == ["backward"]
-    if layout == "shared":  # the reference on the expanded input; grad_x is summed over the groups
-        expect = ref_grads(x.detach().expand(G, *x.shape), as_out_in(weight.detach(), weight_layout), b, grad_y, "ensemble")
+    if shared is not None:  # the reference on the expanded input; grad_x is summed over the groups
+        grad_y_k = grad_y if shared.kernel_layout == "ensemble" else grad_y.unflatten(-1, (G, O))
+        expect = ref_grads(shared.expand(x.detach(), G), as_out_in(weight.detach(), weight_layout), b, grad_y_k,
+                           shared.kernel_layout)
         value, mag, depth = expect["x"]
-        expect["x"] = (value.sum(0), mag.sum(0), depth * G)
+        expect["x"] = (value.sum(shared.group_axis), mag.sum(shared.group_axis), depth * G)
     else:
         expect = ref_grads(x.detach(), as_out_in(weight.detach(), weight_layout), b, grad_y, layout)
     close(x.grad, *expect["x"], what="grad_x")

@@ -136,7 +136,7 @@ def test_cuda_module_builds_with_nvcc_for_every_arch(op, layout, monkeypatch):
 
 def test_cuda_templates_have_no_fused_backward():
     """The fused backward is a CPU schedule: the CUDA family says so, and its template refuses it."""
-    assert FUSED_LAYOUTS == ["last", "conv", "ensemble"]  # groups_last: the two ops
+    assert FUSED_LAYOUTS == ["last", "conv", "ensemble", "heads"]  # groups_last: the two ops
     assert not any(supports("cuda", "backward", layout) for layout in LAYOUTS)
     assert all(supports(kind, op, layout) for kind in ("llvm", "cuda") for op in SINGLE_OPS for layout in LAYOUTS)
     with pytest.raises(ValueError, match="no fused backward"):
@@ -248,7 +248,7 @@ def test_cuda_compile_mode_is_honoured(monkeypatch):
 def test_cuda_forward_backward_match_float64(layout, ref_grads, close):
     from tvmgroup import grouped_linear
 
-    shape = {"last": (97, G * K), "conv": (2, G * K, 97), "ensemble": (G, 97, K), "groups_last": (97, K, G)}[layout]
+    shape = {"last": (97, G * K), "conv": (2, G * K, 97), "ensemble": (G, 97, K), "groups_last": (97, K, G), "heads": (97, G, K)}[layout]
     x = torch.randn(shape, device="cuda", requires_grad=True)
     weight = torch.randn(G, O, K, device="cuda", requires_grad=True)
     bias = torch.randn(G, O, device="cuda", requires_grad=True)
@@ -269,7 +269,7 @@ def test_cuda_forward_backward_match_float64(layout, ref_grads, close):
 def test_cuda_half_types_match_float64(layout, dtype, ref):
     from tvmgroup import grouped_linear
 
-    shape = {"last": (97, G * K), "conv": (2, G * K, 97), "ensemble": (G, 97, K), "groups_last": (97, K, G)}[layout]
+    shape = {"last": (97, G * K), "conv": (2, G * K, 97), "ensemble": (G, 97, K), "groups_last": (97, K, G), "heads": (97, G, K)}[layout]
     x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
     weight = torch.randn(G, O, K, device="cuda", dtype=dtype, requires_grad=True)
     bias = torch.randn(G, O, device="cuda", dtype=dtype, requires_grad=True)

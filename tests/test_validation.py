@@ -97,7 +97,7 @@ def test_unsupported_device():
 
 @pytest.mark.parametrize("layout", ["nlc", "LAST", "", None])
 def test_invalid_layout(layout):
-    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv', 'ensemble', 'groups_last', 'shared'\), got " + repr(repr(layout))[1:-1]):
+    with pytest.raises(ValueError, match=r"layout must be one of \('last', 'conv', 'ensemble', 'groups_last', 'heads', 'shared', 'shared_last'\), got " + repr(repr(layout))[1:-1]):
         grouped_linear(torch.randn(13, 15), W, B, layout=layout)
     with pytest.raises(ValueError, match="layout must be one of"):
         check_layout(layout)

@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 
 from tvmgroup.compute import OpSpec
 from tvmgroup.layer import GroupedLinear
-from tvmgroup.layouts import SHARED_INPUT, SHARED_INPUT_KERNELS
+from tvmgroup.layouts import SHARED_INPUTS, kernel_layout_of
 from tvmgroup.ops import fuses_backward
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def _record(name: str, calls: list[LayerCall]):
             return  # the layer's own input check will say what is wrong
         x = args[0]
         params = [module.weight] + ([module.bias] if module.bias is not None else [])
-        per_row = module.in_features if module.layout == SHARED_INPUT else module.groups * module.in_features
+        per_row = module.in_features if module.layout in SHARED_INPUTS else module.groups * module.in_features
         rows = x.numel() // per_row if x.numel() else 0  # a shared input is read by every group
         calls.append(LayerCall(
             name, module.groups, module.in_features, module.out_features, module.layout,
@@ -126,8 +126,8 @@ def op_shapes(calls: Sequence[LayerCall], *, backward: bool = True) -> list[OpSh
     found: dict[tuple[OpSpec, str], tuple[set[int], list[str]]] = {}
 
     def add(op: str, call: LayerCall, bias: bool) -> None:
-        # A shared input runs on the ensemble kernels (the input expanded over the groups).
-        layout = SHARED_INPUT_KERNELS if call.layout == SHARED_INPUT else call.layout
+        # A shared input runs on its kernel layout's kernels (the input expanded over the groups).
+        layout = kernel_layout_of(call.layout)
         spec = OpSpec(op, call.groups, call.in_features, call.out_features, call.dtype, layout, bias,
                       call.weight_layout)
         rows, names = found.setdefault((spec, call.device), (set(), []))
@@ -141,7 +141,7 @@ def op_shapes(calls: Sequence[LayerCall], *, backward: bool = True) -> list[OpSh
         add("forward", call, call.bias)
         if not backward:
             continue
-        kernel_layout = SHARED_INPUT_KERNELS if call.layout == SHARED_INPUT else call.layout
+        kernel_layout = kernel_layout_of(call.layout)
         if call.input_requires_grad and call.weight_requires_grad and fuses_backward(call.device, kernel_layout):
             add("backward", call, call.bias)  # what the backward pass runs then (tvmgroup.ops)
             continue

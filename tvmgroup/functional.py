@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tvmgroup.layouts import SHARED_INPUT, SHARED_INPUT_KERNELS
+from tvmgroup.layouts import SHARED_INPUTS
 from tvmgroup.ops import EagerBackward, EagerGroupedLinear, forward, grouped_linear_op
 from tvmgroup.validation import check_input, check_layout, check_shared_input, check_weight
 
@@ -39,13 +39,16 @@ def grouped_linear(
         x: ``(..., G*K)`` for ``layout="last"``, ``(B, G*K, L)`` for ``layout="conv"``,
             ``(G, ..., K)`` for ``layout="ensemble"``, ``(..., K, G)`` (groups contiguous,
             e.g. one head per channel of a ``(B, L, C)`` series) for ``layout="groups_last"``,
-            ``(..., K)`` (one input read by every group) for ``layout="shared"``.
+            ``(..., G, K)`` (any strides, features contiguous) for ``layout="heads"``,
+            ``(..., K)`` (one input read by every group) for ``layout="shared"`` and
+            ``"shared_last"``.
         weight: ``(G, O, K)`` for ``weight_layout="out_in"``, ``(G, K, O)`` for ``"in_out"``
             (then ``y = x @ weight[g] + bias[g]``); read as stored.
         bias: ``(G, O)``, ``(G, 1, O)``, ``(G*O,)`` or None; its gradient has its shape.
     Returns:
-        ``(..., G*O)``, ``(B, G*O, L)``, ``(G, ..., O)`` (``"ensemble"``, ``"shared"``) or
-        ``(..., O, G)`` (``"groups_last"``).
+        ``(..., G*O)`` (``"last"``, ``"shared_last"``), ``(B, G*O, L)``, ``(G, ..., O)``
+        (``"ensemble"``, ``"shared"``), ``(..., O, G)`` (``"groups_last"``) or ``(..., G, O)``
+        (``"heads"``).
     """
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         # Like nn.Linear under autocast: compute in the autocast dtype (sums stay float32).
@@ -53,12 +56,21 @@ def grouped_linear(
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     check_layout(layout)
-    if layout == SHARED_INPUT:
-        # The ensemble kernels on the input expanded over the groups: a stride-0 view they
-        # read in place; the expand's own backward sums grad_x over the groups.
+    shared = SHARED_INPUTS.get(layout)
+    if shared is not None:
+        # The kernels of its kernel layout on the input expanded over the groups: a stride-0
+        # view they read in place; the expand's own backward sums grad_x over the groups.
         groups, in_features, _ = check_weight(weight, bias, weight_layout)
-        check_shared_input(x, in_features)
-        x, layout = x.expand(groups, *x.shape), SHARED_INPUT_KERNELS
+        check_shared_input(x, in_features, layout)
+        x, layout = shared.expand(x, groups), shared.kernel_layout
+        return shared.output(_grouped_linear(x, weight, bias, layout, weight_layout))
+    return _grouped_linear(x, weight, bias, layout, weight_layout)
+
+
+def _grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str, weight_layout: str
+) -> torch.Tensor:
+    """A call in a kernel layout: the registered op, or its eager forms."""
     check_input(x, weight, bias, layout, weight_layout)
     if not _eager(x, weight, bias):
         return grouped_linear_op(x, weight, bias, layout, weight_layout)

@@ -28,9 +28,11 @@ class GroupedLinear(nn.Module):
     The same as ``nn.Conv1d(G*K, G*O, kernel_size=1, groups=G)`` (``layout="conv"``) or G
     ``nn.Linear(K, O)`` on consecutive feature slices (``layout="last"``), computed by one
     TVM-generated kernel per pass. ``layout="ensemble"`` takes ``(G, ..., K)``,
-    ``layout="shared"`` one ``(..., K)`` input for every group, and ``layout="groups_last"``
-    ``(..., K, G)`` -> ``(..., O, G)``: one ``nn.Linear(L, P)`` per channel of a ``(B, L, C)``
-    series, read and written in place.
+    ``layout="shared"`` one ``(..., K)`` input for every group (``"shared_last"``: the same
+    with a ``(..., G*O)`` output), ``layout="groups_last"`` ``(..., K, G)`` -> ``(..., O, G)``:
+    one ``nn.Linear(L, P)`` per channel of a ``(B, L, C)`` series, read and written in place,
+    and ``layout="heads"`` ``(..., G, K)`` -> ``(..., G, O)``, inputs read in place at any
+    strides with features contiguous.
 
     ``weight_layout`` and ``bias_layout`` say how the parameters are stored (see
     :mod:`tvmgroup.weights`): ``"out_in"`` ``(G, O, K)`` or ``"in_out"`` ``(G, K, O)``;

@@ -20,6 +20,7 @@ layout is one subclass registered in :data:`LAYOUTS`, plus what its schedules ne
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -147,6 +148,39 @@ class FeaturesLast(Layout):
         return torch.randn(rows, groups, features).to(device=device, dtype=dtype)
 
 
+class Heads(FeaturesLast):
+    """``(..., G, K) -> (..., G, O)`` (one group per head, as attention's ``(B, L, H, D)``
+    tensors hold them): the kernel sees ``(N, G, F)``, features contiguous, as for ``"last"``.
+
+    Inputs are declared with symbolic row and group strides (``buffer_strides``), so the
+    kernel reads in place any view whose features are contiguous: heads sliced out of a
+    bigger tensor, or one input expanded over the groups (stride 0: ``layout="shared_last"``).
+    Outputs are compact.
+    """
+
+    name = "heads"
+    user_dims = "(..., groups, in_features)"
+
+    def buffer_strides(self, name, shape, output=False):
+        if output:  # tvmgroup's own compact tensors, or row slices of them
+            return None
+        return [tirx.Var(f"{name}_stride_n", "int32"), tirx.Var(f"{name}_stride_g", "int32"), 1]
+
+    def check_input(self, x, groups, in_features):
+        if x.dim() < 2 or x.shape[-2] != groups or x.shape[-1] != in_features:
+            raise ValueError(
+                f"layout='heads' expects x of shape {self.user_dims} = (..., {groups}, {in_features}), "
+                f"got x of shape {tuple(x.shape)}"
+            )
+
+    def kernel_view(self, t, groups, features):
+        view = _rows_compact(_view_or_none(t, -1, groups, features))
+        return view if view is not None else t.contiguous().view(-1, groups, features)
+
+    def out_shape(self, x, groups, features):
+        return [*x.shape[:-2], groups, features]
+
+
 class Conv(Layout):
     """``(B, G*K, L) -> (B, G*O, L)`` (Conv1d's layout): the kernel sees ``(B, G, F, L)``.
 
@@ -249,7 +283,7 @@ class EnsembleFirst(Layout):
             )
 
     def kernel_view(self, t, groups, features):
-        view = _rows_compact(t.view(groups, -1, features) if t.is_contiguous() else _view_or_none(t, groups, features))
+        view = _rows_compact(t.view(groups, -1, features) if t.is_contiguous() else _view_or_none(t, groups, -1, features))
         return view if view is not None else t.contiguous().view(groups, -1, features)
 
     def out_shape(self, x, groups, features):
@@ -326,15 +360,17 @@ class GroupsLast(Layout):
         return torch.randn(rows, features, groups).to(device=device, dtype=dtype)
 
 
-def _view_or_none(t: torch.Tensor, groups: int, features: int) -> torch.Tensor | None:
+def _view_or_none(t: torch.Tensor, *shape: int) -> torch.Tensor | None:
+    """``t.view(*shape)``, or None where its axes do not merge without a copy."""
     try:
-        return t.view(groups, -1, features)
+        return t.view(*shape)
     except RuntimeError:  # the row axes do not merge without a copy
         return None
 
 
 def _rows_compact(view: torch.Tensor | None) -> torch.Tensor | None:
-    """``view`` if a group-strided kernel buffer takes it (features contiguous), or None.
+    """``view`` (kernel layout, features on axis 2) if a strided kernel buffer takes it
+    (features contiguous), or None.
 
     A stride of an axis of extent 1 does not matter to the data; the feature axis's is set to
     1 where it is the only element.
@@ -348,19 +384,55 @@ def _rows_compact(view: torch.Tensor | None) -> torch.Tensor | None:
     return None
 
 
-LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (FeaturesLast(), Conv(), EnsembleFirst(), GroupsLast())}
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout for layout in (FeaturesLast(), Conv(), EnsembleFirst(), GroupsLast(), Heads())
+}
 
 
-# Not a kernel layout: one input ``(..., K)`` read by every group, output ``(G, ..., O)``. It
-# runs on the "ensemble" kernels with the input expanded over the groups (stride 0, read in
-# place); autograd of that expand sums grad_x over the groups.
-SHARED_INPUT = "shared"
-SHARED_INPUT_KERNELS = "ensemble"
+@dataclass(frozen=True)
+class SharedInput:
+    """Not a kernel layout: one input ``(..., K)`` read by every group. It runs on the kernels
+    of ``kernel_layout`` with the input expanded over the groups (a stride-0 view they read in
+    place); autograd of that expand sums grad_x over the groups."""
+
+    name: str
+    kernel_layout: str
+    out_dims: str  # the output, for docs and messages
+
+    @property
+    def group_axis(self) -> int:
+        """The axis of the expanded input that holds the groups (grad_x sums over it)."""
+        return 0 if self.kernel_layout == "ensemble" else -2
+
+    def expand(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """``x`` as a ``kernel_layout`` input of ``groups`` groups (a view)."""
+        if self.group_axis == 0:
+            return x.expand(groups, *x.shape)
+        return x.unsqueeze(-2).expand(*x.shape[:-1], groups, x.shape[-1])
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """The ``kernel_layout`` output ``y`` in this layout (a view)."""
+        return y if self.group_axis == 0 else y.flatten(-2)
+
+
+SHARED_INPUTS: dict[str, SharedInput] = {
+    shared.name: shared
+    for shared in (
+        SharedInput("shared", "ensemble", "(groups, ..., out_features)"),
+        SharedInput("shared_last", "heads", "(..., groups*out_features)"),
+    )
+}
+
+
+def kernel_layout_of(layout: str) -> str:
+    """The kernel layout a ``layout`` argument runs on: itself, or a shared input's."""
+    shared = SHARED_INPUTS.get(layout)
+    return shared.kernel_layout if shared is not None else layout
 
 
 def layout_names() -> tuple[str, ...]:
     """What the ``layout`` argument of the functional form and the module takes."""
-    return (*LAYOUTS, SHARED_INPUT)
+    return (*LAYOUTS, *SHARED_INPUTS)
 
 
 def layout_of(name: str) -> Layout:

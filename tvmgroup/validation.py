@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import torch
 
-from tvmgroup.layouts import SHARED_INPUT, layout_names, layout_of
+from tvmgroup.layouts import layout_names, layout_of
 from tvmgroup.target import family_for_device
 from tvmgroup.weights import BIAS_LAYOUTS, WEIGHT_LAYOUTS, bias_layout_of, bias_shape, check_weight_layout, weight_dims
 
 
 def check_layout(layout: str) -> None:
-    """The ``layout`` argument: a kernel layout, or ``"shared"`` (one input for all groups)."""
-    if layout != SHARED_INPUT and (not isinstance(layout, str) or layout not in layout_names()):
+    """The ``layout`` argument: a kernel layout, or a shared input's (``"shared"``,
+    ``"shared_last"``: one input for all groups)."""
+    if not isinstance(layout, str) or layout not in layout_names():
         raise ValueError(f"layout must be one of {layout_names()}, got {layout!r}")
 
 
-def check_shared_input(x: torch.Tensor, in_features: int) -> None:
-    """``layout="shared"``: x is ``(..., in_features)``, the same input for every group."""
+def check_shared_input(x: torch.Tensor, in_features: int, layout: str = "shared") -> None:
+    """``layout="shared"`` or ``"shared_last"``: x is ``(..., in_features)``, the same input
+    for every group."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(
-            f"layout='shared' expects x of shape (..., in_features={in_features}), read by every group; "
+            f"layout={layout!r} expects x of shape (..., in_features={in_features}), read by every group; "
             f"got x of shape {tuple(x.shape)}"
         )
 

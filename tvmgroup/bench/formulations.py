@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from tvmgroup.bench.inputs import input_layout
 from tvmgroup.bench.shapes import Shape
-from tvmgroup.layouts import LAYOUTS, SHARED_INPUT, SHARED_INPUT_KERNELS
+from tvmgroup.layouts import LAYOUTS, SHARED_INPUTS
 from tvmgroup.opdefs import reference_pass
 from tvmgroup.weights import as_out_in
 
@@ -279,8 +279,8 @@ class TvmGroupShared(TvmGroupEnsemble):
     """``tvmgroup.GroupedLinear(layout="shared", ...)``: one ``(N, K)`` input read by every
     member, on the ``"ensemble"`` kernels."""
 
-    layout = SHARED_INPUT
-    kernel_layout = SHARED_INPUT_KERNELS
+    layout = "shared"
+    kernel_layout = SHARED_INPUTS["shared"].kernel_layout
 
 
 class MatmulConv(Combined):
