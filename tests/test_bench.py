@@ -220,14 +220,16 @@ def test_ensemble_gradient_in_the_stored_convention_is_wrong():
     assert result.status == "wrong" and "grad_weight" in result.message
 
 
-@pytest.mark.parametrize("layout, x_dims", [("ensemble", "(G, N, K)"), ("shared", "(N, K)")])
-def test_layout_run_times_its_formulations_and_names_the_layout(layout, x_dims, tmp_path, capsys):
+@pytest.mark.parametrize("layout, x_dims, y_dims", [("ensemble", "(G, N, K)", "(G, N, O)"),
+                                                    ("shared", "(N, K)", "(G, N, O)"),
+                                                    ("shared_last", "(N, K)", "(N, G*O)")])
+def test_layout_run_times_its_formulations_and_names_the_layout(layout, x_dims, y_dims, tmp_path, capsys):
     code = main(["bench", "--layout", layout, "--shape", "40,3,8,12", "--repeats", "2", "--warmup", "0",
                  "--output", str(tmp_path), "--no-chart"])
     assert code == 0
     table = capsys.readouterr().out
-    assert f"layout {layout}: x {x_dims} -> y (G, N, O)" in table
-    assert f"Layout {layout}: x {x_dims} -> y (G, N, O)." in (tmp_path / "bench.md").read_text()
+    assert f"layout {layout}: x {x_dims} -> y {y_dims}" in table
+    assert f"Layout {layout}: x {x_dims} -> y {y_dims}." in (tmp_path / "bench.md").read_text()
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["options"]["layout"] == layout
     (shape,) = data["shapes"]
@@ -242,7 +244,7 @@ def test_layout_run_times_its_formulations_and_names_the_layout(layout, x_dims, 
     assert ours["name"] == f"tvmgroup-{layout}" and ours["message"].startswith("schedules:")
     assert shape["tvmgroup_speedup"]["forward_backward"]["best_pytorch"] in registry.BY_LAYOUT[layout]
     # The memory floor counts the input the layout reads: N*K for one shared input, N*G*K otherwise.
-    x_elements = 40 * 8 if layout == "shared" else 40 * 3 * 8
+    x_elements = 40 * 8 if layout.startswith("shared") else 40 * 3 * 8
     assert shape["bytes"]["forward"] == Shape(40, 3, 8, 12).bytes_moved(False, 4, x_elements)
 
 

@@ -17,12 +17,14 @@ X_AT = {
     "conv": lambda x, n, g, k: x[0, g * K + k, n],
     "ensemble": lambda x, n, g, k: x[g, n, k],
     "shared": lambda x, n, g, k: x[n, k],
+    "shared_last": lambda x, n, g, k: x[n, k],
 }
 Y_AT = {
     "last": lambda y, n, g, o: y[n, g * O + o],
     "conv": lambda y, n, g, o: y[0, g * O + o, n],
     "ensemble": lambda y, n, g, o: y[g, n, o],
     "shared": lambda y, n, g, o: y[g, n, o],
+    "shared_last": lambda y, n, g, o: y[n, g * O + o],
 }
 
 
@@ -41,11 +43,11 @@ def test_rows_form_puts_each_element_where_the_layout_says(name):
 
 def test_input_sizes():
     assert {name: layout.x_elements(SHAPE) for name, layout in INPUT_LAYOUTS.items()} == {
-        "last": N * G * K, "conv": N * G * K, "ensemble": N * G * K, "shared": N * K,
+        "last": N * G * K, "conv": N * G * K, "ensemble": N * G * K, "shared": N * K, "shared_last": N * K,
     }
     assert INPUT_LAYOUTS["shared"].summary == "x (N, K) -> y (G, N, O)"
 
 
 def test_unknown_layout_names_the_choices():
-    with pytest.raises(ValueError, match="last, conv, ensemble, shared"):
+    with pytest.raises(ValueError, match="last, conv, ensemble, shared, shared_last"):
         input_layout("groups_first")

@@ -14,7 +14,7 @@ Each formulation takes its input in one layout of :data:`tvmgroup.bench.inputs.I
 last, as for ``nn.Linear``); ``"conv"``, ``(1, G*K, N)`` -> ``(1, G*O, N)`` (channels first, the
 natural ``nn.Conv1d`` layout: N is its length axis); ``"ensemble"``, ``(G, N, K)`` ->
 ``(G, N, O)`` (an ensemble's members first); ``"shared"``, ``(N, K)`` -> ``(G, N, O)`` (one
-input read by every member). ``tvmgroup bench --layout`` picks the set of formulations
+input read by every member); ``"shared_last"``, ``(N, K)`` -> ``(N, G*O)``. ``tvmgroup bench --layout`` picks the set of formulations
 (:data:`BY_LAYOUT`).
 """
 
@@ -350,6 +350,30 @@ class EinsumShared(EnsembleParameters):
         return torch.einsum("nk,gko->gno", x, self.weight) + self.bias
 
 
+class LinearStacked(Combined):
+    """``F.linear(x, weight.view(G*O, K), bias.view(G*O))``: one input for every group with
+    the output features-last is one ``nn.Linear(K, G*O)`` of the stacked weight."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        groups, out_features, in_features = self.weight.shape
+        return F.linear(x, self.weight.view(groups * out_features, in_features), self.bias.view(-1))
+
+
+class EinsumSharedLast(Combined):
+    """``torch.einsum("nk,gok->ngo", x, weight) + bias``, flattened to ``(N, G*O)``."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return (torch.einsum("nk,gok->ngo", x, self.weight) + self.bias).flatten(1)
+
+
+class TvmGroupSharedLast(TvmGroup):
+    """``tvmgroup.GroupedLinear(layout="shared_last")``: one ``(N, K)`` input read by every
+    group, output ``(N, G*O)``, on the ``"heads"`` kernels."""
+
+    layout = "shared_last"
+    kernel_layout = SHARED_INPUTS["shared_last"].kernel_layout
+
+
 # -- the registry ------------------------------------------------------------------------------
 
 
@@ -423,6 +447,12 @@ FORMULATIONS: dict[str, Formulation] = {
         Formulation("einsum-shared", "torch.einsum('nk,gko->gno', x, W) + b", EinsumShared, layout="shared"),
         Formulation("tvmgroup-shared", "tvmgroup.GroupedLinear(layout='shared'), weight (G,K,O) 'in_out', "
                     "bias (G,1,O) 'broadcast'", TvmGroupShared, layout="shared", is_tvmgroup=True),
+        Formulation("linear-shared_last", "F.linear(x, W.view(G*O, K), b.view(G*O)): one nn.Linear of the "
+                    "stacked weight", LinearStacked, layout="shared_last"),
+        Formulation("einsum-shared_last", "torch.einsum('nk,gok->ngo', x, W) + b, flattened", EinsumSharedLast,
+                    layout="shared_last"),
+        Formulation("tvmgroup-shared_last", "tvmgroup.GroupedLinear(layout='shared_last')", TvmGroupSharedLast,
+                    layout="shared_last", is_tvmgroup=True),
     )
 }
 
@@ -474,6 +504,7 @@ BY_LAYOUT: dict[str, tuple[str, ...]] = {
     "conv": ("conv1d", "matmul-conv", "tvmgroup-conv"),
     "ensemble": ("baddbmm-ensemble", "bmm-ensemble", "einsum-ensemble", "tvmgroup-ensemble"),
     "shared": ("matmul-shared", "baddbmm-shared", "einsum-shared", "tvmgroup-shared"),
+    "shared_last": ("linear-shared_last", "einsum-shared_last", "tvmgroup-shared_last"),
 }
 
 # What a GPU run adds to the layout's set: the GPU-only PyTorch formulations.

@@ -86,6 +86,15 @@ INPUT_LAYOUTS: dict[str, InputLayout] = {
             x_rows=lambda t, groups: t.repeat(1, groups),
             y_rows=_members_first_rows,
         ),
+        # The same input with the output features-last (a shared first layer before "last"
+        # layers): one GEMM of the stacked weight, in PyTorch.
+        InputLayout(
+            "shared_last", "(N, K)", "(N, G*O)",
+            x_shape=lambda s: (s.n, s.in_features),
+            y_shape=lambda s: (s.n, s.groups * s.out_features),
+            x_rows=lambda t, groups: t.repeat(1, groups),
+            y_rows=lambda t: t,
+        ),
     )
 }
 

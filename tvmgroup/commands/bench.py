@@ -37,7 +37,8 @@ formulation's own input layout (untimed). --layout picks the layout and its form
 last, x (N, G*K) -> (N, G*O), with conv1d on its natural (1, G*K, N) beside them (N as the
 length axis); conv, (1, G*K, N); ensemble, (G, N, K) -> (G, N, O), weights stored (G, K, O)
 and biases (G, 1, O) as ensembles keep them; shared, one input (N, K) read by every group ->
-(G, N, O). Gradients are compared in one convention, (G, O, K) and (G, O). block-diag
+(G, N, O); shared_last, the same input -> (N, G*O), against one nn.Linear of the stacked
+weight. Gradients are compared in one convention, (G, O, K) and (G, O). block-diag
 prebuilds its dense weight for the forward timing and builds it from the (G, O, K) weight on
 every fwd+bwd call, so its weight gradient stays block-diagonal.
 
@@ -60,7 +61,7 @@ EPILOG = "formulations:\n" + "\n".join(
     f"  {f.name:<{_NAME_WIDTH}}  {f.description}" for f in FORMULATIONS.values()
 ) + f"""
 
-shapes are N,G,K,O in every layout (ensemble, shared: N the batch, G the members).
+shapes are N,G,K,O in every layout (ensemble, shared, shared_last: N the batch, G the members).
 default shapes (N,G,K,O): {'  '.join(s.short for s in DEFAULT_SHAPES)}
 with --device cuda also: {'  '.join(s.short for s in GPU_SHAPES)}
 
