@@ -4,24 +4,17 @@ only check that it runs."""
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Callable
 
 import torch
 from torch import nn
 
+from tvmgroup.bench.timing import time_calls
+
 
 def median_seconds(step: Callable[[], object], calls: int, warmup: int) -> float:
     """Median seconds of ``calls`` timed calls of ``step`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time_calls(lambda _: step(), warmup=warmup, repeats=calls).median_ms / 1e3
 
 
 def forward_backward_seconds(

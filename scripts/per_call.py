@@ -11,27 +11,25 @@ Prints the median of 7 blocks of calls after 300 warm-up calls, per call in micr
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import math
 import warnings
 from typing import Callable
 
 import torch
 
 import tvmgroup
+from tvmgroup.bench.timing import time_calls
 
 
 def per_call_us(fn: Callable[[], object], calls: int, blocks: int = 7, warmup: int = 300) -> float:
-    """Median over ``blocks`` blocks of ``calls`` calls, in microseconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(blocks):
-        start = time.perf_counter()
+    """Median over ``blocks`` blocks of ``calls`` calls (a call is too short to time alone),
+    after at least ``warmup`` untimed calls, in microseconds per call."""
+
+    def block(_: int) -> None:
         for _ in range(calls):
             fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+
+    return time_calls(block, warmup=math.ceil(warmup / calls), repeats=blocks).median_ms * 1e3 / calls
 
 
 def main() -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+
+from tvmgroup.bench.timing import time_calls
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,13 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _median_ms(fn, repeats: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return time_calls(lambda _: fn(), warmup=1, repeats=repeats).median_ms
 
 
 def run(args: argparse.Namespace) -> int:
