@@ -173,9 +173,24 @@ def test_logs_command_lists_the_log(tuned_home, monkeypatch, capsys):
 
 
 def test_logs_command_when_empty(tmp_path, monkeypatch, capsys):
+    from tvmgroup import paths
+
     monkeypatch.setenv("TVMGROUP_HOME", str(tmp_path))
+    monkeypatch.setattr(paths, "shipped_logs_dir", lambda: tmp_path / "shipped")
     assert cli.main(["logs"]) == 0
     assert "no tuning logs" in capsys.readouterr().out
+
+
+def test_logs_command_lists_the_shipped_logs(tmp_path, monkeypatch, capsys):
+    """With no logs of the user's, the package's own are listed as shipped."""
+    from tvmgroup.paths import shipped_logs_dir
+
+    monkeypatch.setenv("TVMGROUP_HOME", str(tmp_path))
+    assert cli.main(["logs", "--all"]) == 0
+    out = capsys.readouterr().out
+    shipped = [line for line in out.splitlines() if line.startswith("shipped")]
+    assert len(shipped) == len(list(shipped_logs_dir().glob("*/*/n*/tvmgroup.json"))) > 0
+    assert all("user" not in line.split()[0] for line in shipped)
 
 
 def test_interrupted_run_leaves_a_loadable_log_and_resumes(tmp_path):
