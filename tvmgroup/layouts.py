@@ -397,7 +397,6 @@ class SharedInput:
 
     name: str
     kernel_layout: str
-    out_dims: str  # the output, for docs and messages
 
     @property
     def group_axis(self) -> int:
@@ -418,8 +417,8 @@ class SharedInput:
 SHARED_INPUTS: dict[str, SharedInput] = {
     shared.name: shared
     for shared in (
-        SharedInput("shared", "ensemble", "(groups, ..., out_features)"),
-        SharedInput("shared_last", "heads", "(..., groups*out_features)"),
+        SharedInput("shared", "ensemble"),  # output (G, ..., O)
+        SharedInput("shared_last", "heads"),  # output (..., G*O)
     )
 }
 
