@@ -3,7 +3,8 @@
 A register-blocked GEMM micro-kernel: the output's contiguous axis is split and vectorised,
 the "row" axis is split and unrolled, so each reduction step broadcasts one operand into
 ``row_tile`` fused multiply-adds on ``vector_tile`` lanes, with the accumulators in registers.
-Outer loops are fused and run in parallel.
+The outer loops run in parallel: the row tiles (each thread walks every group of its rows),
+or, for large groups (panels), the groups and blocks of output features.
 
 Symbolic loops in the micro-kernel are split *without* a tail predicate (a predicate there
 costs 3-30x). Where the features are innermost (``"last"``) that is the row loop, so the
@@ -256,18 +257,23 @@ def _schedule_rows(sch, nests: list[_Nest], rows_innermost: bool, knobs: Knobs, 
         return _schedule_rows_in_panels(sch, nests[0], knobs, tail)
     if not rows_innermost:
         # One row tile for every nest: the kernel's callers split rows by it.
-        row_tile = 1 if tail else knobs.inner_choice(sch, ROW_TILES, 8)
         main, *remainder = nests
-        v0, v1 = _split_static(sch, main.vec, knobs, 64, 32)
+        rows, lanes = _default_register_tile(_extent(sch, main.vec))
+        row_tile = 1 if tail else knobs.inner_choice(sch, ROW_TILES, rows)
+        v0, v1 = _split_static(sch, main.vec, knobs, 64, lanes)
         r0, r1 = sch.split(main.row, [None, row_tile], disable_predication=True)
         sch.reorder(r0, *main.outer, v0, *main.reduce, r1, v1)
         cache = _accumulate_locally(sch, main.block, v0, tail or bool(remainder))
-        _parallel(sch, sch.fuse(r0, *main.outer, v0))
+        # Only the row tiles run in parallel, each thread walking every group and vector
+        # block of its rows. With the group and vector loops fused into the parallel loop
+        # as well (one register tile per parallel iteration) the forward ran 1.1-1.8x slower
+        # where K and O are 16-64 (docs/performance.md, "Parallel grain").
+        _parallel(sch, r0)
         _finish_micro_kernel(sch, main, r1, v1, cache)
         for nest in remainder:
             r0, r1 = sch.split(nest.row, [None, row_tile], disable_predication=True)
             sch.reorder(r0, *nest.outer, *nest.reduce, r1, nest.vec)
-            _parallel(sch, sch.fuse(r0, *nest.outer))
+            _parallel(sch, r0)
             _finish_micro_kernel(sch, nest, r1, nest.vec, None)
         return row_tile
     # Rows innermost (conv): the vector loop is the symbolic length L: exact split, predicated
@@ -281,6 +287,13 @@ def _schedule_rows(sch, nests: list[_Nest], rows_innermost: bool, knobs: Knobs, 
     _parallel(sch, sch.fuse(*nest.outer, r0))
     _finish_micro_kernel(sch, nest, r1, v1, cache)
     return 1 if tail else tile
+
+
+def _default_register_tile(features: int) -> tuple[int, int]:
+    """The default register tile (rows, lanes) over ``features`` outputs: 8 rows of 32
+    lanes, or 4 rows of all 64 where a group has 64 (each input row is then read once per
+    group; 1.09x at 4096,32,64,64, docs/performance.md). Both hold 16 AVX-512 accumulators."""
+    return (4, 64) if features == 64 else (8, 32)
 
 
 def _finish_micro_kernel(sch, nest: _Nest, unrolled, vectorised, cache) -> None:
