@@ -65,6 +65,58 @@ def test_failing_formulation_is_reported():
     assert result.status == "failed" and "no compiler" in result.message
 
 
+@pytest.mark.parametrize("warmup, repeats, rounds, plan", [
+    (3, 20, 4, [(3, 5), (1, 5), (1, 5), (1, 5)]),
+    (1, 5, 2, [(1, 3), (1, 2)]),
+    (0, 7, 3, [(0, 3), (0, 2), (0, 2)]),
+    (2, 2, 5, [(2, 1), (1, 1)]),  # no more rounds than timed calls
+    (3, 6, 1, [(3, 6)]),
+])
+def test_round_plan_spreads_the_repeats(warmup, repeats, rounds, plan):
+    settings = Settings(warmup=warmup, repeats=repeats, buffers=1, rounds=rounds)
+    assert settings.round_plan() == plan
+    assert sum(timed for _, timed in plan) == repeats
+
+
+def test_formulations_are_timed_in_interleaved_rounds(monkeypatch):
+    order = []
+
+    def fake_time(inst, buffers, settings, timer):
+        order.append((type(inst).__name__, settings.warmup, settings.repeats))
+        sample = Timing([float(len(order))] * settings.repeats)
+        return sample, sample
+
+    monkeypatch.setattr("tvmgroup.bench.runner.time_formulation", fake_time)
+    chosen = [registry.FORMULATIONS["bmm"], registry.FORMULATIONS["einsum"]]
+    done = []
+    results = run_shape(SMALL, chosen, Settings(warmup=2, repeats=5, buffers=1, rounds=3),
+                        on_done=lambda r: done.append(r.name)).results
+    bmm, einsum = (type(f.build(*shared_parameters(SMALL, 0))).__name__ for f in chosen)
+    assert order == [(bmm, 2, 2), (einsum, 2, 2), (bmm, 1, 2), (einsum, 1, 2), (bmm, 1, 1), (einsum, 1, 1)]
+    assert [len(r.forward.samples_ms) for r in results] == [5, 5]
+    assert results[0].forward.samples_ms == [1.0, 1.0, 3.0, 3.0, 5.0]  # its own rounds' samples, in order
+    assert done == ["bmm", "einsum"]  # each reported once, after its last round
+
+
+def test_a_formulation_failing_in_a_later_round_is_reported_and_dropped(monkeypatch):
+    calls = []
+
+    def fake_time(inst, buffers, settings, timer):
+        calls.append(type(inst).__name__)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        sample = Timing([1.0] * settings.repeats)
+        return sample, sample
+
+    monkeypatch.setattr("tvmgroup.bench.runner.time_formulation", fake_time)
+    chosen = [registry.FORMULATIONS["bmm"], registry.FORMULATIONS["einsum"]]
+    results = run_shape(SMALL, chosen, Settings(warmup=0, repeats=3, buffers=1, rounds=3)).results
+    assert results[0].status == "failed" and "out of memory" in results[0].message
+    assert results[0].forward is None and results[0].forward_backward is None
+    assert results[1].status == "ok" and len(results[1].forward.samples_ms) == 3
+    assert len(calls) == 5  # bmm's third round is not run
+
+
 def test_time_calls_counts_warmup_and_repeats():
     ticks = iter(range(1000))
     seen = []
@@ -126,7 +178,7 @@ def test_cli_cuda_without_gpu_says_so(tmp_path, capsys):
 def test_tiny_run_writes_json_and_png(tmp_path, capsys):
     out = tmp_path / "results"
     code = main(["bench", "--quick", "--shape", "64,4,8,8", "--formulations", "bmm,conv1d,tvmgroup",
-                 "--repeats", "2", "--output", str(out)])
+                 "--repeats", "3", "--rounds", "2", "--output", str(out)])
     assert code == 0
     table = capsys.readouterr().out
     assert "tvmgroup speedup over the best PyTorch formulation" in table
@@ -138,7 +190,8 @@ def test_tiny_run_writes_json_and_png(tmp_path, capsys):
     assert [r["name"] for r in shape["results"]] == ["conv1d", "bmm", "tvmgroup"]
     for r in shape["results"]:
         assert r["status"] == "ok", r
-        assert len(r["forward"]["samples_ms"]) == 2 and len(r["forward_backward"]["samples_ms"]) == 2
+        assert len(r["forward"]["samples_ms"]) == 3 and len(r["forward_backward"]["samples_ms"]) == 3
+    assert data["options"]["repeats"] == 3 and data["options"]["rounds"] == 2
     assert shape["floors"]["forward"]["floor_ms"] > 0
     assert shape["tvmgroup_speedup"]["forward_backward"]["best_pytorch"] in {"conv1d", "bmm"}
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -294,3 +347,18 @@ def test_compare_default_times_the_layer_on_its_default_schedules_too(tmp_path, 
 def test_compare_default_is_refused_with_models(tmp_path, capsys):
     assert main(["bench", "--models", "--compare-default", "--output", str(tmp_path)]) != 0
     assert "--compare-default times single layers" in capsys.readouterr().err
+
+
+def test_ceiling_gemm_shrinks_where_one_call_would_take_long():
+    from tvmgroup.bench.machine import GEMM_CALL_BUDGET_S, SMALLEST_GEMM, measure_ceilings
+
+    def timer_of(seconds):
+        def timer(fn):
+            fn()
+            return seconds
+        return timer
+
+    slow = measure_ceilings(2048, 1, 1, timer=timer_of(GEMM_CALL_BUDGET_S))
+    assert slow.sgemm_size == SMALLEST_GEMM
+    assert slow.sgemm_gflops == pytest.approx(2 * SMALLEST_GEMM**3 / GEMM_CALL_BUDGET_S / 1e9)
+    assert measure_ceilings(4 * SMALLEST_GEMM, 1, 1, timer=timer_of(1e-6)).sgemm_size == 4 * SMALLEST_GEMM

@@ -95,7 +95,11 @@ def measure_ceilings(sgemm_size: int = 2048, copy_mbytes: int = 256, repeats: in
                      timer: Timer | None = None) -> Ceilings:
     """GEMM rate of a square ``torch.mm`` in ``dtype`` on ``device`` and memory bandwidth of a
     large ``copy_`` there (read + write bytes counted). The best repeat is the ceiling.
-    ``timer`` must fit ``device`` (CUDA events on a GPU, where calls return before the work ends)."""
+    ``timer`` must fit ``device`` (CUDA events on a GPU, where calls return before the work ends).
+
+    The GEMM is ``sgemm_size`` square, or smaller where one call of that would take long
+    (:func:`_gemm_size`): the report gives the size it ran at."""
+    sgemm_size = _gemm_size(sgemm_size, device, dtype, timer)
     a = torch.randn(sgemm_size, sgemm_size, device=device).to(dtype)
     b = torch.randn(sgemm_size, sgemm_size, device=device).to(dtype)
     c = torch.empty(sgemm_size, sgemm_size, device=device, dtype=dtype)
@@ -119,3 +123,24 @@ def measure_ceilings(sgemm_size: int = 2048, copy_mbytes: int = 256, repeats: in
         gemm_dtype=str(dtype).removeprefix("torch."),
         device=device,
     )
+
+
+# A ceiling GEMM call may take at most about this long: torch's CPU float16 GEMM on a CPU
+# without float16 arithmetic runs a scalar loop (43 s for 2048^2 on a 2-core AMD EPYC,
+# against 0.05 s in float32), which would make a short run take minutes.
+GEMM_CALL_BUDGET_S = 0.25
+SMALLEST_GEMM = 256
+
+
+def _gemm_size(largest: int, device: str, dtype: torch.dtype, timer: Timer | None) -> int:
+    """The ceiling GEMM's size: ``largest``, or the largest power-of-two multiple of
+    :data:`SMALLEST_GEMM` below it whose call took at most :data:`GEMM_CALL_BUDGET_S` (the
+    next size costs about 8x more)."""
+    size = min(largest, SMALLEST_GEMM)
+    while size < largest:
+        a = torch.randn(size, size, device=device).to(dtype)
+        seconds = time_calls(lambda i: torch.mm(a, a), warmup=1, repeats=1, timer=timer).min_ms / 1e3
+        if seconds * 8 > GEMM_CALL_BUDGET_S:
+            return size
+        size = min(largest, size * 2)
+    return size

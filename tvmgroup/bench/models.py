@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from tvmgroup.bench.formulations import Bmm, Formulation, Instance
-from tvmgroup.bench.runner import TOLERANCE, Result, Settings, training_ops
+from tvmgroup.bench.runner import TOLERANCE, Result, Settings, extended, training_ops
 from tvmgroup.bench.shapes import BYTES_PER_ELEMENT, MAX_ELEMENTS, parse_positive_ints
 from tvmgroup.bench.timing import Timer, time_calls
 from tvmgroup.lookup import UntunedShapeWarning, schedule_info
@@ -174,7 +174,8 @@ def schedule_note(shape: ModelShape) -> str:
 
 def run_model(shape: ModelShape, formulations: list[Formulation], settings: Settings,
               timer: Timer | None = None, on_done=None) -> ModelResult:
-    """Every formulation's stack at ``shape``: checked against float64, then timed."""
+    """Every formulation's stack at ``shape``: checked against float64, then timed in
+    interleaved rounds (``settings.rounds``)."""
     params = stack_parameters(shape, settings.seed)
     gen = torch.Generator().manual_seed(settings.seed + 3)
     per_pair = 2 * shape.n * shape.groups * shape.in_features * BYTES_PER_ELEMENT
@@ -182,16 +183,30 @@ def run_model(shape: ModelShape, formulations: list[Formulation], settings: Sett
     buffers = [(torch.randn(shape.n, shape.groups * shape.in_features, generator=gen),
                 torch.randn(shape.n, shape.groups * shape.in_features, generator=gen)) for _ in range(count)]
     ref = stack_reference(params, *buffers[0])
-    results = []
+    prepared = []
     for formulation in formulations:
-        results.append(_run_one(formulation, shape, params, buffers, ref, settings, timer))
-        gc.collect()
-        if on_done:
-            on_done(results[-1])
-    return ModelResult(shape, results)
+        result, steps = _prepare_one(formulation, shape, params, buffers, ref)
+        prepared.append((result, steps))
+        if steps is None and on_done:
+            on_done(result)
+    plan = settings.round_plan()
+    for number, (warmup, repeats) in enumerate(plan, 1):  # interleaved rounds, as runner.run_shape
+        for result, steps in prepared:
+            if steps is None:
+                continue
+            forward, forward_backward = steps
+            result.forward = extended(result.forward, time_calls(forward, warmup=warmup, repeats=repeats, timer=timer))
+            result.forward_backward = extended(
+                result.forward_backward, time_calls(forward_backward, warmup=warmup, repeats=repeats, timer=timer))
+            gc.collect()
+            if on_done and number == len(plan):
+                on_done(result)
+    return ModelResult(shape, [result for result, _ in prepared])
 
 
-def _run_one(formulation, shape, params, buffers, ref, settings, timer) -> Result:
+def _prepare_one(formulation, shape, params, buffers, ref) -> tuple[Result, tuple | None]:
+    """The formulation's stack built and checked: its result, and its (forward,
+    forward_backward) steps to time (None where it failed or is wrong)."""
     result = Result(formulation.name, formulation.is_tvmgroup, "ok")
     start = time.perf_counter()
     try:
@@ -204,14 +219,14 @@ def _run_one(formulation, shape, params, buffers, ref, settings, timer) -> Resul
     except Exception as err:
         result.status, result.message = "failed", f"{type(err).__name__}: {err}".strip().splitlines()[0][:500]
         traceback.clear_frames(err.__traceback__)
-        return result
+        return result, None
     finally:
         result.setup_s = time.perf_counter() - start
     bad = {k: v for k, v in result.errors.items() if not v <= TOLERANCE}
     if bad:
         result.status = "wrong"
         result.message = "relative error " + ", ".join(f"{k}={v:.1e}" for k, v in bad.items()) + f" > {TOLERANCE:.0e}"
-        return result
+        return result, None
     xs = [x for x, _ in buffers]
     leaves = [x.detach().clone().requires_grad_(True) for x in xs]
     count = len(xs)
@@ -226,9 +241,7 @@ def _run_one(formulation, shape, params, buffers, ref, settings, timer) -> Resul
         stack.zero_grad()
         stack(x).backward(buffers[i % count][1])
 
-    result.forward = time_calls(forward, warmup=settings.warmup, repeats=settings.repeats, timer=timer)
-    result.forward_backward = time_calls(forward_backward, warmup=settings.warmup, repeats=settings.repeats, timer=timer)
-    return result
+    return result, (forward, forward_backward)
 
 
 def format_models(model_results: list[ModelResult]) -> str:

@@ -2,10 +2,16 @@
 
 A formulation that fails to build or run is recorded as ``failed``, one whose results differ
 from the reference as ``wrong``; neither is timed, and the run goes on.
+
+The formulations of a shape are timed in interleaved rounds (:attr:`Settings.rounds`): each
+round times every formulation for its share of the calls. A machine whose speed drifts over
+seconds (a shared host, clock changes) then slows every formulation alike, instead of
+whichever one was being timed at the time: the ratios between them are what the run reports.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import time
@@ -59,12 +65,19 @@ BUFFER_BUDGET_BYTES = 384 << 20
 
 @dataclass
 class Settings:
-    warmup: int
-    repeats: int
+    warmup: int  # untimed calls before a formulation's first round (one before each later round)
+    repeats: int  # timed calls per formulation and pass, over all rounds
     buffers: int
     seed: int = 0
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    rounds: int = 1  # interleaved rounds the repeats are spread over (at most ``repeats``)
+
+    def round_plan(self) -> list[tuple[int, int]]:
+        """(warm-up calls, timed calls) of each round: the repeats spread evenly."""
+        rounds = max(1, min(self.rounds, self.repeats))
+        base, extra = divmod(self.repeats, rounds)
+        return [(self.warmup if i == 0 else min(self.warmup, 1), base + (i < extra)) for i in range(rounds)]
 
 
 @dataclass
@@ -166,7 +179,8 @@ def check(inst: Instance, formulation: Formulation, x: Tensor, grad_y: Tensor,
 def time_formulation(inst: Instance, buffers: list[tuple[Tensor, Tensor]],
                      settings: Settings, timer: Timer | None) -> tuple[Timing, Timing]:
     """Forward (without autograd) and forward+backward (grads of x, weight and bias) timings,
-    on ``buffers`` in the formulation's layout."""
+    ``settings.warmup`` untimed and ``settings.repeats`` timed calls each, on ``buffers`` in
+    the formulation's layout."""
     xs = [x.detach().clone() for x, _ in buffers]
     gys = [gy for _, gy in buffers]
     count = len(xs)
@@ -212,14 +226,16 @@ def schedule_origins(shape: Shape, layout: str = "last", weight_layout: str = "o
     return "schedules: " + ", ".join(f"{op} {origin}" for op, origin in origins.items())
 
 
-def run_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias: Tensor,
-                    buffers: list[tuple[Tensor, Tensor]], ref: dict[str, Tensor],
-                    settings: Settings, timer: Timer | None) -> Result:
+def prepare_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias: Tensor,
+                        buffers: list[tuple[Tensor, Tensor]], ref: dict[str, Tensor],
+                        settings: Settings) -> tuple[Result, Instance | None]:
+    """Builds ``formulation`` and checks it against ``ref``: its result, and the instance to
+    time (None where it is skipped, failed or wrong)."""
     result = Result(formulation.name, formulation.is_tvmgroup, "ok", is_default=formulation.is_default)
     reason = formulation.why_not(shape, settings.device)
     if reason:
         result.status, result.message = "skipped", reason
-        return result
+        return result, None
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
@@ -237,7 +253,7 @@ def run_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias
         result.message = f"{type(err).__name__}: {err}".strip().splitlines()[0][:500]
         result.setup_s = time.perf_counter() - start
         traceback.clear_frames(err.__traceback__)
-        return result
+        return result, None
     result.setup_s = time.perf_counter() - start
     tolerance = tolerance_for(settings.dtype)
     bad = {k: v for k, v in result.errors.items() if not v <= tolerance}  # NaN counts as bad
@@ -245,19 +261,38 @@ def run_formulation(formulation: Formulation, shape: Shape, weight: Tensor, bias
         result.status = "wrong"
         result.message = "relative error " + ", ".join(f"{k}={v:.1e}" for k, v in bad.items()) + \
             f" > {tolerance:.0e}"
-        return result
+        return result, None
+    return result, inst
+
+
+def time_round(result: Result, inst: Instance, buffers: list[tuple[Tensor, Tensor]], settings: Settings,
+               warmup: int, repeats: int, timer: Timer | None) -> bool:
+    """One round of ``result``'s formulation: its samples are added to ``result``; False (and
+    the result marked failed) if a call raised."""
     try:
-        result.forward, result.forward_backward = time_formulation(inst, buffers, settings, timer)
+        forward, forward_backward = time_formulation(
+            inst, buffers, dataclasses.replace(settings, warmup=warmup, repeats=repeats), timer)
     except Exception as err:
-        result.status = "failed"
+        result.status, result.forward, result.forward_backward = "failed", None, None
         result.message = f"while timing: {type(err).__name__}: {err}".strip().splitlines()[0][:500]
-    return result
+        traceback.clear_frames(err.__traceback__)
+        return False
+    result.forward = extended(result.forward, forward)
+    result.forward_backward = extended(result.forward_backward, forward_backward)
+    return True
+
+
+def extended(timing: Timing | None, more: Timing) -> Timing:
+    """``timing``'s samples followed by ``more``'s (a later round's)."""
+    return more if timing is None else Timing(timing.samples_ms + more.samples_ms)
 
 
 def run_shape(shape: Shape, formulations: list[Formulation], settings: Settings,
               timer: Timer | None = None, on_start: Callable[[str], None] | None = None,
               on_done: Callable[[Result], None] | None = None, layout: str = "last") -> ShapeResult:
-    """All formulations at one shape; ``on_start(name)`` / ``on_done(result)`` bracket each.
+    """All formulations at one shape: each built and checked, then the ones that passed timed
+    in interleaved rounds. ``on_start(what)`` names each step as it starts; ``on_done(result)``
+    follows each formulation's last step (its check where it is not timed, else its last round).
 
     Each input layout among the formulations gets its own buffers and float64 reference, from
     the same weight and bias; ``layout`` is the run's (``--layout``)."""
@@ -267,15 +302,29 @@ def run_shape(shape: Shape, formulations: list[Formulation], settings: Settings,
         buffers = make_buffers(shape, settings.buffers, settings.seed, settings.device, settings.dtype, name)
         x0, grad_y0 = buffers[0]
         inputs[name] = buffers, reference(x0, weight, bias, grad_y0, name)
-    results = []
+    results, timed = [], []
     for formulation in formulations:
         if on_start:
             on_start(formulation.name)
         buffers, ref = inputs[formulation.layout]
-        results.append(run_formulation(formulation, shape, weight, bias, buffers, ref, settings, timer))
-        gc.collect()
-        if settings.device == "cuda":
-            torch.cuda.empty_cache()  # the next formulation starts with the memory this one held
-        if on_done:
-            on_done(results[-1])
+        result, inst = prepare_formulation(formulation, shape, weight, bias, buffers, ref, settings)
+        results.append(result)
+        if inst is None:
+            if on_done:
+                on_done(result)
+        else:
+            timed.append((result, inst, buffers))
+    plan = settings.round_plan()
+    for number, (warmup, repeats) in enumerate(plan, 1):
+        for result, inst, buffers in timed:
+            if result.status != "ok":
+                continue
+            if on_start:
+                on_start(result.name if len(plan) == 1 else f"{result.name} round {number}/{len(plan)}")
+            ok = time_round(result, inst, buffers, settings, warmup, repeats, timer)
+            gc.collect()
+            if settings.device == "cuda":
+                torch.cuda.empty_cache()  # the next formulation starts with the memory this one held
+            if on_done and (not ok or number == len(plan)):
+                on_done(result)
     return ShapeResult(shape, results, layout)

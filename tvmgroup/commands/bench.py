@@ -14,10 +14,10 @@ from tvmgroup.bench.shapes import DEFAULT_SHAPES, DEFAULT_SHAPES_BY_DEVICE, GPU_
 
 DTYPES = ("float32", "bfloat16", "float16")
 
-FULL = {"warmup": 3, "repeats": 20, "buffers": 4, "sgemm_size": 2048, "ceiling_repeats": 5}
+FULL = {"warmup": 3, "repeats": 20, "rounds": 4, "buffers": 4, "sgemm_size": 2048, "ceiling_repeats": 5}
 # A GPU reaches its GEMM rate only on larger matrices than a CPU (2048^2 leaves an H100 half idle).
 GPU_GEMM_SIZE = 8192
-QUICK = {"warmup": 1, "repeats": 5, "buffers": 2, "sgemm_size": 2048, "ceiling_repeats": 3}
+QUICK = {"warmup": 1, "repeats": 5, "rounds": 2, "buffers": 2, "sgemm_size": 2048, "ceiling_repeats": 3}
 
 DESCRIPTION = """\
 Times the forward pass (without autograd) and the forward+backward pass (gradients of x,
@@ -31,7 +31,10 @@ Before timing, each formulation's output and gradients are compared with a float
 WRONG and not timed, one that cannot run (e.g. torch.compile without a working compiler) is
 reported FAILED, and the run goes on.
 Compilation (torch.compile, tvmgroup's first call of a shape) happens during that check and is
-not timed. Each timing is the median over --repeats calls after --warmup untimed calls; every
+not timed. Each timing is the median over --repeats calls, spread over --rounds interleaved
+rounds (each round times every formulation of the shape in turn, after --warmup untimed calls
+in the first round and one in each later round), so that a machine whose speed drifts slows
+every formulation alike; every
 call takes the next of several freshly random input buffers, drawn contiguous in the
 formulation's own input layout (untimed). --layout picks the layout and its formulations:
 last, x (N, G*K) -> (N, G*O), with conv1d on its natural (1, G*K, N) beside them (N as the
@@ -92,10 +95,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", type=_shape_arg, action="append", metavar="N,G,K,O",
                    help="a shape to time (repeatable); replaces the default shapes")
     p.add_argument("--quick", action="store_true",
-                   help=f"short run: {QUICK['repeats']} repeats after {QUICK['warmup']} warm-up call, "
-                        f"{QUICK['buffers']} input buffers (default {FULL['repeats']} repeats, "
-                        f"{FULL['warmup']} warm-up calls, {FULL['buffers']} buffers); same shapes")
+                   help=f"short run: {QUICK['repeats']} repeats in {QUICK['rounds']} rounds after "
+                        f"{QUICK['warmup']} warm-up call, {QUICK['buffers']} input buffers (default "
+                        f"{FULL['repeats']} repeats in {FULL['rounds']} rounds, {FULL['warmup']} warm-up "
+                        f"calls, {FULL['buffers']} buffers); same shapes")
     p.add_argument("--repeats", type=positive, help="timed calls per measurement (overrides --quick)")
+    p.add_argument("--rounds", type=positive,
+                   help="interleaved rounds the repeats are spread over (overrides --quick; 1: each "
+                        "formulation timed in one stretch)")
     p.add_argument("--warmup", type=non_negative, help="untimed calls before timing (overrides --quick)")
     p.add_argument("--formulations", metavar="NAME[,NAME...]",
                    help="only these formulations (default: those of --layout; all: "
@@ -174,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     info = machine_info(args.threads, args.device)
     if models:
         settings = Settings(warmup=preset["warmup"] if args.warmup is None else args.warmup,
-                            repeats=args.repeats or preset["repeats"], buffers=preset["buffers"], seed=args.seed)
+                            repeats=args.repeats or preset["repeats"], buffers=preset["buffers"], seed=args.seed,
+                            rounds=args.rounds or preset["rounds"])
         return _run_models(args, chosen, settings, timer, info)
     status = 0
     for dtype in dtypes:
@@ -185,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
             dtype=getattr(torch, dtype),
+            rounds=args.rounds or preset["rounds"],
         )
         output = args.output if len(dtypes) == 1 else args.output / dtype
         status = max(status, _run_layers(args, chosen, shapes, settings, preset, timer, info, output))
@@ -203,7 +212,7 @@ def _run_layers(args, chosen, shapes, settings, preset, timer, info, output: Pat
     dtype_name = str(settings.dtype).removeprefix("torch.")
     options = {
         "shapes": [s.short for s in shapes], "formulations": [f.name for f in chosen],
-        "quick": args.quick, "warmup": settings.warmup, "repeats": settings.repeats,
+        "quick": args.quick, "warmup": settings.warmup, "repeats": settings.repeats, "rounds": settings.rounds,
         "buffers": settings.buffers, "threads": args.threads, "seed": args.seed, "layout": args.layout,
         "device": settings.device, "dtype": dtype_name,
     }
@@ -272,7 +281,7 @@ def _run_models(args, chosen, settings, timer, info) -> int:
     print(text, end="")
     (args.output / "models.txt").write_text(text)
     data = {"machine": info, "options": {"models": [s.short for s in shapes], "warmup": settings.warmup,
-                                         "repeats": settings.repeats, "threads": args.threads, "seed": args.seed,
+                                         "repeats": settings.repeats, "rounds": settings.rounds, "threads": args.threads, "seed": args.seed,
                                          "formulations": [f.name for f in formulations]},
             "models": models_to_json(results)}
     (args.output / "models.json").write_text(json.dumps(data, indent=2) + "\n")
