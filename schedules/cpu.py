@@ -318,6 +318,14 @@ def _accumulate_locally(sch, block, loop, tail: bool):
     return cache
 
 
+# grad_weight's register tile: (largest, default) output features per tile, by K. Where K fits
+# one vector (16 lanes or fewer) a tile of up to 16 outputs takes a whole 16 x 16 group (the
+# default 4 ran 1.11-1.20x slower there, docs/performance.md); elsewhere 8 outputs at most.
+GRAD_WEIGHT_O_TILE = (8, 4)
+GRAD_WEIGHT_ONE_VECTOR = 16
+GRAD_WEIGHT_O_TILE_ONE_VECTOR = (16, 16)
+
+
 def _schedule_weight_grad(sch, nests: list[_Nest], rows_innermost: bool, knobs: Knobs, tail: bool) -> int:
     """grad_weight[g, o, k] = sum over rows of grad_y[row, g, o] * x[row, g, k]."""
     if rows_innermost and not tail:
@@ -328,12 +336,14 @@ def _schedule_weight_grad(sch, nests: list[_Nest], rows_innermost: bool, knobs: 
         chunk = knobs.inner_choice(sch, ROW_CHUNKS, 16)
     for i, nest in enumerate(nests):
         (g,) = nest.outer
+        o_limit, o_default = GRAD_WEIGHT_O_TILE
         if i == 0:
+            if _extent(sch, nest.vec) <= GRAD_WEIGHT_ONE_VECTOR:
+                o_limit, o_default = GRAD_WEIGHT_O_TILE_ONE_VECTOR
             k0, k1 = _split_static(sch, nest.vec, knobs, 64, 64)
-            o_default = 4
         else:  # the remainder of a partitioned vector loop: short, starts past 0
             k0, k1 = sch.add_unit_loop(nest.vec), nest.vec
-        o0, o1 = _split_static(sch, nest.row, knobs, 8, o_default)
+        o0, o1 = _split_static(sch, nest.row, knobs, o_limit, o_default)
         if not rows_innermost:
             # Each parallel block of (group, o, k) tiles reads a chunk of rows once for all
             # its tiles before the next chunk: the chunk loop sits between the blocks and
