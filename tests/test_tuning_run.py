@@ -20,7 +20,10 @@ import torch
 from tvmgroup import cli
 from tvmgroup.compute import OpSpec
 from tvmgroup.target import cpu_target, target_key
-from tvmgroup.logs import META, RECORDS, count_records, find_logs, mean_secs, prune, read_records
+from tvmgroup.logs import (
+    CONFIRMED, META, RECORDS, best_beats, best_record, confirmation, count_records, default_seconds, find_logs,
+    mean_secs, prune, read_records,
+)
 from tvmgroup.tuning import tune as tune_mod
 from tvmgroup.tuning.tune import TuneRequest, tune_op
 
@@ -69,13 +72,14 @@ print(json.dumps({"info": info, "errors": errors, "kernel_origin": kernel.choice
 
 def _home_with_default(tuned_home: Path, tmp_path: Path, default_seconds) -> Path:
     """A copy of the tuned home whose log says the default ran ``default_seconds``
-    (a callable of the log's best)."""
+    (a callable of the log's best), by the search's numbers alone (no confirmation)."""
     home = tmp_path / "home"
     shutil.copytree(tuned_home, home)
     (log,) = find_logs(home / "tuning_logs", spec_key=SPEC.key)
     meta = json.loads((log.path / META).read_text())
     best = min(mean_secs(r[1]) for _, r in read_records(log.path))
     meta["default_seconds"] = default_seconds(best)
+    meta.pop(CONFIRMED, None)
     (log.path / META).write_text(json.dumps(meta))
     return home
 
@@ -107,6 +111,16 @@ def test_a_log_that_did_not_beat_its_default_leaves_the_default(tuned_home, tmp_
     assert info["origin"] == "default" and out["kernel_origin"] == "default"
     assert Path(info["log"]).parent.parent.parent == home / "tuning_logs"
     assert "within 2% of the best of 4 trials" in info["note"]
+
+
+def test_a_best_that_beat_the_default_in_the_search_is_confirmed_as_the_layer_runs_it(tuned_home):
+    (log,) = find_logs(tuned_home / "tuning_logs", spec_key=SPEC.key)
+    best = best_record(log, SPEC)
+    confirmed = confirmation(log.meta, best.digest)
+    if best_beats(best.seconds, default_seconds(log.meta)):
+        assert confirmed is not None and confirmed.best_seconds > 0 and confirmed.default_seconds > 0
+    else:  # the default itself was best (or within 2%): lookup serves the default, nothing to confirm
+        assert CONFIRMED not in log.meta
 
 
 def test_the_log_records_the_default_and_the_command_prints_both(tuned_home, tmp_path):

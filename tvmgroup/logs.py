@@ -197,9 +197,42 @@ def best_beats(best_seconds: float, default: float | None) -> bool:
     return default is None or best_seconds * MIN_GAIN_OVER_DEFAULT <= default
 
 
-def beats_default(log: TuningLog, best_seconds: float) -> bool:
-    """Whether ``log``'s best (``best_seconds``) beat the default it recorded."""
-    return best_beats(best_seconds, default_seconds(log.meta))
+CONFIRMED = "confirmed"  # tvmgroup.json: the best schedule against the default, timed as the layer runs them
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A log's best schedule (the record whose trace hashes to ``digest``) and the default,
+    timed as the layer runs kernels (:mod:`tvmgroup.tuning.confirm`): medians, in seconds."""
+
+    digest: str
+    best_seconds: float
+    default_seconds: float
+
+    def to_meta(self) -> dict:
+        return {"digest": self.digest, "best_seconds": self.best_seconds, "default_seconds": self.default_seconds}
+
+
+def confirmation(meta: dict, digest: str) -> Confirmation | None:
+    """The confirmation ``meta`` records for the best record ``digest``; None where it has
+    none, holds anything but positive finite numbers, or confirmed another record (the log's
+    best changed since)."""
+    entry = meta.get(CONFIRMED) if isinstance(meta, dict) else None
+    if not isinstance(entry, dict) or entry.get("digest") != digest:
+        return None
+    values = [entry.get("best_seconds"), entry.get("default_seconds")]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values):
+        return None
+    return Confirmation(digest, float(values[0]), float(values[1]))
+
+
+def beats_default(log: TuningLog, best: BestRecord) -> bool:
+    """Whether ``log``'s best record beat the default: by the timings that confirmed it where
+    the log has them for that record, else by the search's own measurements."""
+    confirmed = confirmation(log.meta, best.digest)
+    if confirmed is not None:
+        return best_beats(confirmed.best_seconds, confirmed.default_seconds)
+    return best_beats(best.seconds, default_seconds(log.meta))
 
 
 def best_record(log: TuningLog, spec: OpSpec) -> BestRecord:

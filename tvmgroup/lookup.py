@@ -24,7 +24,9 @@ from tvmgroup.check import check_kernel
 from tvmgroup.choice import ScheduleChoice, default_choice, simt_choice
 from tvmgroup.compute import OpSpec
 from tvmgroup.kernel import KERNELS, Kernel
-from tvmgroup.logs import MIN_GAIN_OVER_DEFAULT, LogError, TuningLog, default_seconds, find_logs
+from tvmgroup.logs import (
+    MIN_GAIN_OVER_DEFAULT, LogError, TuningLog, best_record, confirmation, default_seconds, find_logs,
+)
 from tvmgroup.paths import shipped_logs_dir, user_logs_dir
 from tvmgroup.replay import choice_from_log
 from tvmgroup.target import family_for_device, family_of, target_for_device, target_json, target_key
@@ -94,11 +96,19 @@ def tune_command(spec: OpSpec, target: tvm.target.Target) -> str:
 def _default_by_log(spec: OpSpec, target: tvm.target.Target, log: TuningLog) -> ScheduleChoice:
     """The default schedule, where a log's search found nothing faster (no warning: the
     shape is tuned, and the default is what tuning chose)."""
-    default = default_seconds(log.meta)
-    note = (
-        f"{log.path}: the default ({default * 1e6:.1f} us at {log.rows} rows) was within "
-        f"{(MIN_GAIN_OVER_DEFAULT - 1) * 100:.0f}% of the best of {log.trials} trials"
-    )
+    gain = f"{(MIN_GAIN_OVER_DEFAULT - 1) * 100:.0f}%"
+    confirmed = confirmation(log.meta, best_record(log, spec).digest)
+    if confirmed is not None:
+        note = (
+            f"{log.path}: timed as the layer runs them, the best of {log.trials} trials "
+            f"({confirmed.best_seconds * 1e6:.1f} us at {log.rows} rows) did not beat the default "
+            f"({confirmed.default_seconds * 1e6:.1f} us) by {gain}, though the search had measured it faster"
+        )
+    else:
+        note = (
+            f"{log.path}: the default ({default_seconds(log.meta) * 1e6:.1f} us at {log.rows} rows) was "
+            f"within {gain} of the best of {log.trials} trials"
+        )
     return dataclasses.replace(default_choice(spec, target), log=str(log.path), tuned_rows=log.rows, note=note)
 
 

@@ -56,14 +56,16 @@ def checked_traces(log: TuningLog, target_kind: str) -> dict[str, list]:
     return traces
 
 
-def choice_from_log(spec: OpSpec, target: tvm.target.Target, log: TuningLog, origin: str) -> ScheduleChoice | None:
-    """The best schedule in ``log``; None where it did not beat the default schedule measured
-    in the same run (:func:`~tvmgroup.logs.beats_default`); :class:`LogError` if it is
-    unusable or does not replay."""
+def choice_from_log(
+    spec: OpSpec, target: tvm.target.Target, log: TuningLog, origin: str, *, only_if_faster: bool = True
+) -> ScheduleChoice | None:
+    """The best schedule in ``log``; None where it did not beat the default schedule
+    (:func:`~tvmgroup.logs.beats_default`), unless ``only_if_faster`` is False;
+    :class:`LogError` if it is unusable or does not replay."""
     kind = target.kind.name
     traces = checked_traces(log, kind)
     best = best_record(log, spec)
-    if not beats_default(log, best.seconds):
+    if only_if_faster and not beats_default(log, best):
         return None
     raw = traces.get(best.digest)
     if raw is None:  # the file changed between the check and the parse (a tuning run appending)

@@ -9,6 +9,7 @@ first trial of a new log is the default schedule, so a log is never worse than n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -35,10 +36,11 @@ from tvmgroup.compute import OpSpec, ir_module
 from tvmgroup.schedules import DefaultTraceKnobs
 from tvmgroup.target import family_of, target_key
 from tvmgroup.logs import (
-    FORMAT, RECORDS, WORKLOADS, best_beats, count_records, default_seconds, log_dir, mean_secs, prune,
-    read_meta, read_records, write_meta,
+    FORMAT, RECORDS, WORKLOADS, Confirmation, LogError, TuningLog, best_beats, best_record, confirmation,
+    count_records, default_seconds, log_dir, mean_secs, prune, read_meta, read_records, write_meta,
 )
 from tvmgroup.paths import home
+from tvmgroup.tuning.confirm import confirm, needs_confirmation
 from tvmgroup.tuning.search import SkipMeasured
 from tvmgroup.tuning.space import make_space
 from tvmgroup.tuning.workers import worker_initializer
@@ -88,10 +90,14 @@ class TuneResult:
     best_seconds: float
     exhausted: bool = False  # the search space holds fewer distinct schedules than asked for
     default_seconds: float | None = None  # the default schedule, measured in the same run
+    confirmed: Confirmation | None = None  # the best against the default, timed as the layer runs them
 
     @property
     def beats_default(self) -> bool:
-        """Whether run-time lookup will use this log (its best beat the default)."""
+        """Whether run-time lookup will use this log (its best beat the default: by the
+        confirmation's timings where there is one, else by the search's)."""
+        if self.confirmed is not None:
+            return best_beats(self.confirmed.best_seconds, self.confirmed.default_seconds)
         return best_beats(self.best_seconds, self.default_seconds)
 
 
@@ -274,7 +280,8 @@ def tune_op(req: TuneRequest, *, progress: bool = True, bar: tqdm | None = None)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with _exclusive(path, req.spec.key):
-            return _tune_locked(req, path, progress, bar)
+            result = _tune_locked(req, path, progress, bar)
+            return _with_confirmation(req, result, progress)
     except OSError as err:
         if not _disk_full(err):
             raise
@@ -373,6 +380,27 @@ def _search(req: TuneRequest, remaining: int, database, builder, runner, cores: 
             if progress.error is not None:  # MetaSchedule's loop may have rewrapped it
                 raise progress.error from None
             raise
+
+
+def _with_confirmation(req: TuneRequest, result: TuneResult, progress: bool) -> TuneResult:
+    """``result`` with the log's best confirmed against the default as the layer runs them
+    (:mod:`tvmgroup.tuning.confirm`), where it beat the default by the search's numbers and
+    was measured here (not over RPC); a confirmation already recorded for the same best is
+    reused."""
+    if req.space != "template" or req.rpc is not None or family_of(req.target).device_type != "cpu":
+        return result
+    tuning_log = TuningLog(result.path, target_key(req.target), req.spec.key, req.rows, req.space, read_meta(result.path))
+    try:
+        best = best_record(tuning_log, req.spec)
+        if needs_confirmation(tuning_log, req.spec, req.target):
+            if progress:
+                sys.stderr.write(f"{req.spec.key}: timing the best schedule against the default as the layer runs them\n")
+                sys.stderr.flush()
+            confirm(tuning_log, req.spec, req.target)
+    except LogError as err:
+        log.warning("%s: the log's best could not be confirmed against the default: %s", req.spec.key, err)
+        return result
+    return dataclasses.replace(result, confirmed=confirmation(tuning_log.meta, best.digest))
 
 
 def _finish(req: TuneRequest, path: Path, before: int) -> TuneResult:
