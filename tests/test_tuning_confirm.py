@@ -69,11 +69,12 @@ def test_lookup_follows_the_confirmation_over_the_search():
 def test_a_confirmation_of_another_record_is_ignored():
     log = _log(default_seconds=5e-5, confirmed={"digest": "0" * 16, "best_seconds": 1.0, "default_seconds": 1.0})
     assert schedule_info_of(SPEC)["origin"] == "user"  # the search's numbers decide
-    assert needs_confirmation(log, SPEC, cpu_target())
+    assert needs_confirmation(log, best_record(log, SPEC), cpu_target())
 
 
 def test_only_a_best_that_beat_the_default_needs_confirming():
-    assert not needs_confirmation(_log(default_seconds=1.01e-5), SPEC, cpu_target())
+    log = _log(default_seconds=1.01e-5)
+    assert not needs_confirmation(log, best_record(log, SPEC), cpu_target())
 
 
 def test_time_interleaved_alternates_the_order_and_times_every_call():
@@ -86,11 +87,12 @@ def test_time_interleaved_alternates_the_order_and_times_every_call():
 
 def test_confirm_times_both_schedules_and_records_them():
     log = _log(default_seconds=5e-5)
-    assert needs_confirmation(log, SPEC, cpu_target())
-    result = confirm(log, SPEC, cpu_target(), rounds=1)
-    assert result.digest == best_record(log, SPEC).digest
+    best = best_record(log, SPEC)
+    assert needs_confirmation(log, best, cpu_target())
+    result = confirm(log, best, SPEC, cpu_target(), rounds=1)
+    assert result.digest == best.digest
     assert result.best_seconds > 0 and result.default_seconds > 0
     (reread,) = find_logs(user_logs_dir(), spec_key=SPEC.key)
     assert confirmation(reread.meta, result.digest) == result
     assert reread.target_key == target_key(cpu_target())
-    assert not needs_confirmation(reread, SPEC, cpu_target())
+    assert not needs_confirmation(reread, best, cpu_target())

@@ -226,13 +226,18 @@ def confirmation(meta: dict, digest: str) -> Confirmation | None:
     return Confirmation(digest, float(values[0]), float(values[1]))
 
 
-def beats_default(log: TuningLog, best: BestRecord) -> bool:
-    """Whether ``log``'s best record beat the default: by the timings that confirmed it where
-    the log has them for that record, else by the search's own measurements."""
-    confirmed = confirmation(log.meta, best.digest)
+def confirmed_or_searched_beats(best_seconds: float, default: float | None, confirmed: Confirmation | None) -> bool:
+    """Whether a best beat the default: by the timings that confirmed it where there are
+    some, else by the search's own measurements (``best_seconds``, ``default``)."""
     if confirmed is not None:
         return best_beats(confirmed.best_seconds, confirmed.default_seconds)
-    return best_beats(best.seconds, default_seconds(log.meta))
+    return best_beats(best_seconds, default)
+
+
+def beats_default(log: TuningLog, best: BestRecord) -> bool:
+    """Whether ``log``'s best record beat the default (:func:`confirmed_or_searched_beats`,
+    with the confirmation the log records for that record)."""
+    return confirmed_or_searched_beats(best.seconds, default_seconds(log.meta), confirmation(log.meta, best.digest))
 
 
 def best_record(log: TuningLog, spec: OpSpec) -> BestRecord:

@@ -25,7 +25,7 @@ from tvmgroup.choice import ScheduleChoice, default_choice, simt_choice
 from tvmgroup.compute import OpSpec
 from tvmgroup.kernel import KERNELS, Kernel
 from tvmgroup.logs import (
-    MIN_GAIN_OVER_DEFAULT, LogError, TuningLog, best_record, confirmation, default_seconds, find_logs,
+    CONFIRMED, MIN_GAIN_OVER_DEFAULT, LogError, TuningLog, best_record, confirmation, default_seconds, find_logs,
 )
 from tvmgroup.paths import shipped_logs_dir, user_logs_dir
 from tvmgroup.replay import choice_from_log
@@ -97,7 +97,7 @@ def _default_by_log(spec: OpSpec, target: tvm.target.Target, log: TuningLog) -> 
     """The default schedule, where a log's search found nothing faster (no warning: the
     shape is tuned, and the default is what tuning chose)."""
     gain = f"{(MIN_GAIN_OVER_DEFAULT - 1) * 100:.0f}%"
-    confirmed = confirmation(log.meta, best_record(log, spec).digest)
+    confirmed = confirmation(log.meta, best_record(log, spec).digest) if CONFIRMED in log.meta else None
     if confirmed is not None:
         note = (
             f"{log.path}: timed as the layer runs them, the best of {log.trials} trials "

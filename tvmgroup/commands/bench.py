@@ -281,7 +281,8 @@ def _run_models(args, chosen, settings, timer, info) -> int:
     print(text, end="")
     (args.output / "models.txt").write_text(text)
     data = {"machine": info, "options": {"models": [s.short for s in shapes], "warmup": settings.warmup,
-                                         "repeats": settings.repeats, "rounds": settings.rounds, "threads": args.threads, "seed": args.seed,
+                                         "repeats": settings.repeats, "rounds": settings.rounds,
+                                         "threads": args.threads, "seed": args.seed,
                                          "formulations": [f.name for f in formulations]},
             "models": models_to_json(results)}
     (args.output / "models.json").write_text(json.dumps(data, indent=2) + "\n")

@@ -24,7 +24,7 @@ from tvmgroup.choice import default_choice
 from tvmgroup.compute import OpSpec
 from tvmgroup.kernel import KERNELS
 from tvmgroup.logs import (
-    CONFIRMED, Confirmation, TuningLog, best_beats, best_record, default_seconds, read_meta, write_meta,
+    CONFIRMED, BestRecord, Confirmation, TuningLog, best_beats, confirmation, default_seconds, read_meta, write_meta,
 )
 from tvmgroup.replay import choice_from_log
 from tvmgroup.target import family_of
@@ -35,16 +35,15 @@ BLOCK_CALLS = 3  # ... and the fewest calls
 BUFFERS = 3  # input sets the calls rotate through (none finds its input left in cache)
 
 
-def needs_confirmation(log: TuningLog, spec: OpSpec, target: tvm.target.Target) -> bool:
-    """Whether ``log`` is a CPU log whose best record beat the default by the search's own
-    measurements (only then could lookup serve it) and has no confirmation of that record."""
-    if family_of(target).device_type != "cpu":
-        return False
-    best = best_record(log, spec)
-    if not best_beats(best.seconds, default_seconds(log.meta)):
-        return False
-    entry = log.meta.get(CONFIRMED)
-    return not (isinstance(entry, dict) and entry.get("digest") == best.digest)
+def needs_confirmation(log: TuningLog, best: BestRecord, target: tvm.target.Target) -> bool:
+    """Whether ``log`` is a CPU log whose best record (``best``) beat the default by the
+    search's own measurements (only then could lookup serve it) and has no usable
+    confirmation of that record."""
+    return (
+        family_of(target).device_type == "cpu"
+        and best_beats(best.seconds, default_seconds(log.meta))
+        and confirmation(log.meta, best.digest) is None
+    )
 
 
 def time_interleaved(calls: dict[str, Callable[[int], object]], rounds: int = ROUNDS) -> dict[str, float]:
@@ -67,10 +66,11 @@ def time_interleaved(calls: dict[str, Callable[[int], object]], rounds: int = RO
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def confirm(log: TuningLog, spec: OpSpec, target: tvm.target.Target, rounds: int = ROUNDS) -> Confirmation:
-    """Times ``log``'s best schedule against the default (see the module's docstring) and
-    records the result in the log's metadata."""
-    best = best_record(log, spec)
+def confirm(
+    log: TuningLog, best: BestRecord, spec: OpSpec, target: tvm.target.Target, rounds: int = ROUNDS
+) -> Confirmation:
+    """Times ``log``'s best schedule (its record ``best``) against the default (see the
+    module's docstring) and records the result in the log's metadata."""
     choices = {
         "best": choice_from_log(spec, target, log, "user", only_if_faster=False),
         "default": default_choice(spec, target),

@@ -36,8 +36,9 @@ from tvmgroup.compute import OpSpec, ir_module
 from tvmgroup.schedules import DefaultTraceKnobs
 from tvmgroup.target import family_of, target_key
 from tvmgroup.logs import (
-    FORMAT, RECORDS, WORKLOADS, Confirmation, LogError, TuningLog, best_beats, best_record, confirmation,
-    count_records, default_seconds, log_dir, mean_secs, prune, read_meta, read_records, write_meta,
+    FORMAT, RECORDS, WORKLOADS, Confirmation, LogError, TuningLog, best_record, confirmation,
+    confirmed_or_searched_beats, count_records, default_seconds, log_dir, mean_secs, prune, read_meta,
+    read_records, write_meta,
 )
 from tvmgroup.paths import home
 from tvmgroup.tuning.confirm import confirm, needs_confirmation
@@ -96,9 +97,7 @@ class TuneResult:
     def beats_default(self) -> bool:
         """Whether run-time lookup will use this log (its best beat the default: by the
         confirmation's timings where there is one, else by the search's)."""
-        if self.confirmed is not None:
-            return best_beats(self.confirmed.best_seconds, self.confirmed.default_seconds)
-        return best_beats(self.best_seconds, self.default_seconds)
+        return confirmed_or_searched_beats(self.best_seconds, self.default_seconds, self.confirmed)
 
 
 def _best_seconds(path: Path) -> float:
@@ -389,14 +388,16 @@ def _with_confirmation(req: TuneRequest, result: TuneResult, progress: bool) -> 
     reused."""
     if req.space != "template" or req.rpc is not None or family_of(req.target).device_type != "cpu":
         return result
-    tuning_log = TuningLog(result.path, target_key(req.target), req.spec.key, req.rows, req.space, read_meta(result.path))
+    tuning_log = TuningLog(result.path, target_key(req.target), req.spec.key, req.rows, req.space,
+                           read_meta(result.path))
     try:
         best = best_record(tuning_log, req.spec)
-        if needs_confirmation(tuning_log, req.spec, req.target):
+        if needs_confirmation(tuning_log, best, req.target):
             if progress:
-                sys.stderr.write(f"{req.spec.key}: timing the best schedule against the default as the layer runs them\n")
+                sys.stderr.write(f"{req.spec.key}: timing the best schedule against the default "
+                                 "as the layer runs them\n")
                 sys.stderr.flush()
-            confirm(tuning_log, req.spec, req.target)
+            confirm(tuning_log, best, req.spec, req.target)
     except LogError as err:
         log.warning("%s: the log's best could not be confirmed against the default: %s", req.spec.key, err)
         return result
