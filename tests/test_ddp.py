@@ -1,9 +1,13 @@
 """Data-parallel training: tvmgroup layers under DistributedDataParallel (gloo, 2 processes on
-127.0.0.1) end with the parameters of a single process trained on the same global batch."""
+127.0.0.1) end with the parameters of a single process trained on the same global batch.
+
+The ranks meet through a file store (no TCP store server living in one rank) and pass a
+barrier before tearing the group down, so neither rank destroys its half of the group while
+the other still talks to it.
+"""
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -37,11 +41,11 @@ def _train(model: torch.nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> None:
         opt.step()
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model())
         xs, ys = _data()
@@ -50,14 +54,10 @@ def _worker(rank: int, port: int, out: str) -> None:
         _train(model, xs[:, rank * share:(rank + 1) * share], ys[:, rank * share:(rank + 1) * share])
         if rank == 0:
             torch.save({k: v.detach().clone() for k, v in model.module.state_dict().items()}, out)
+        del model  # drops the reducer's hold on the group, so destroy_process_group frees it
+        dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -67,7 +67,8 @@ def test_ddp_matches_one_process_on_the_global_batch(tmp_path, monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     monkeypatch.setenv("TVMGROUP_QUIET", "1")
     out = tmp_path / "ddp.pt"
-    context = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn")
+    store = tmp_path / "store"
+    context = mp.start_processes(_worker, args=(str(store), str(out)), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not context.join(timeout=1):
