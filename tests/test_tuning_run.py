@@ -310,3 +310,31 @@ def test_default_ops_are_those_the_template_schedules():
 
     assert _ops(None, FAMILIES["llvm"], "conv") == ["forward", "grad_input", "grad_weight", "backward"]
     assert _ops(None, FAMILIES["cuda"], "last") == ["forward", "grad_input", "grad_weight"]
+
+
+def test_the_default_is_recorded_at_the_fastest_of_its_samples(tmp_path, caplog):
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmgroup.tuning.workers import worker_initializer
+
+    samples = [3e-3, 1e-3, 2e-3]
+    assert tune_mod.DEFAULT_SAMPLES == len(samples)
+
+    class Done:
+        def __init__(self, seconds: float) -> None:
+            self.seconds = seconds
+
+        def result(self):
+            return ms.runner.RunnerResult(run_secs=[self.seconds], error_msg=None)
+
+    class SampledRunner:
+        def run(self, inputs):
+            assert len(inputs) == len(samples) and len({id(i) for i in inputs}) == 1  # one schedule, measured thrice
+            return [Done(s) for s in samples]
+
+    req = TuneRequest(SPEC, cpu_target(), 256, 1, tmp_path / "tuning_logs")
+    database = ms.database.MemoryDatabase()
+    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=tune_mod.BUILD_TIMEOUT_S, initializer=worker_initializer())
+    assert tune_mod._measure_default(req, database, builder, SampledRunner()) == pytest.approx(1e-3), caplog.text
+    (record,) = database.get_all_tuning_records()
+    assert [float(s) for s in record.run_secs] == pytest.approx([1e-3])
