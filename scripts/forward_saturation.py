@@ -20,30 +20,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
 
 from tvmgroup import GroupedLinear
 from tvmgroup.bench.shapes import parse_shape
+from tvmgroup.bench.timing import median_block_ms
 from tvmgroup.compute import OpSpec
 from tvmgroup.lookup import kernel_for
 from tvmgroup.target import cpu_target
-
-BLOCK_S = 0.12  # one timed block of calls
-
-
-def median_block_ms(fn: Callable[[], object]) -> float:
-    for _ in range(3):
-        fn()
-    samples, start = [], time.perf_counter()
-    while time.perf_counter() - start < BLOCK_S:
-        begin = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - begin)
-    return statistics.median(samples) * 1e3
-
 
 def rotating(calls: list[Callable[[], object]]) -> Callable[[], object]:
     """One call a time, each on the next of ``calls`` (their buffers leave the cache)."""

@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
@@ -25,14 +24,12 @@ from typing import Callable
 import torch
 import tvm
 
+from tvmgroup.bench.timing import median_block_ms
 from tvmgroup.choice import ScheduleChoice
 from tvmgroup.compute import OpSpec
 from tvmgroup.kernel import Kernel, build_kernel
 from tvmgroup.schedules import DefaultKnobs
 from tvmgroup.target import cpu_target, family_of
-
-BLOCK_S = 0.12  # one timed block of calls
-
 
 def template_at(revision: str, workdir: Path) -> ModuleType:
     """``schedules/cpu.py`` as it was at ``revision``, imported beside the installed package."""
@@ -67,17 +64,6 @@ def loaded_kernel(spec: OpSpec, template: ModuleType, workdir: Path, name: str) 
         if family_of(target).on_load is not None:
             family_of(target).on_load(path)
     return Kernel(spec, built.choice, modules["main"], built.row_tile, modules.get("tail"), target, False)
-
-
-def median_block_ms(fn: Callable[[], object]) -> float:
-    for _ in range(3):
-        fn()
-    samples, start = [], time.perf_counter()
-    while time.perf_counter() - start < BLOCK_S:
-        begin = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - begin)
-    return statistics.median(samples) * 1e3
 
 
 def _rate(flops: int, ms: float) -> str:

@@ -124,3 +124,16 @@ def time_calls(
     for i in range(warmup, warmup + repeats):
         samples.append(timer(lambda i=i: step(i)) * 1e3)
     return Timing(samples)
+
+
+def median_block_ms(fn: Callable[[], object], block_s: float = 0.12) -> float:
+    """Median ms of the calls of ``fn`` made in ``block_s`` seconds after 3 untimed ones: one
+    sample of an interleaved A/B round (the scripts' kernel comparisons)."""
+    for _ in range(3):
+        fn()
+    samples, start = [], time.perf_counter()
+    while time.perf_counter() - start < block_s:
+        begin = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - begin)
+    return statistics.median(samples) * 1e3
