@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .cpu import FUSED_BACKWARD_LAYOUTS, schedule_cpu
+from .cpu import FUSED_BACKWARD_LAYOUTS, cpu_structures, schedule_cpu
 from .cuda import schedule_cuda
-from .knobs import DefaultKnobs, DefaultTraceKnobs, Knobs, ReplayKnobs, SampledKnobs, trace_decisions
-from .roles import ROW_TILE_KEY, row_tile_of
+from .knobs import DefaultKnobs, DefaultTraceKnobs, Knobs, ReplayKnobs, SampledKnobs, trace_decisions, trace_structure
+from .roles import ROW_TILE_KEY, STRUCTURE_KEY, row_tile_of
 
 TEMPLATES: dict[str, Callable[..., None]] = {"llvm": schedule_cpu, "cuda": schedule_cuda}
 
@@ -26,6 +26,18 @@ EXTRA_OPS: dict[str, dict[str, frozenset[str]]] = {
     "llvm": {"backward": FUSED_BACKWARD_LAYOUTS},
     "cuda": {},
 }
+
+
+# Each template's loop structures for an op on a layout, the default first (knobs.Knobs.structure);
+# a template without an entry has one structure for every op.
+STRUCTURES: dict[str, Callable[[str, str], tuple[str, ...]]] = {"llvm": cpu_structures}
+
+
+def structures(target_kind: str, op: str, layout: str) -> tuple[str, ...]:
+    """The names of the loop structures the template of ``target_kind`` has for ``op`` on
+    ``layout``: one design space each, the first the default's."""
+    names = STRUCTURES.get(target_kind)
+    return names(op, layout) if names is not None else ("default",)
 
 
 def supports(target_kind: str, op: str, layout: str) -> bool:
@@ -46,4 +58,6 @@ def template_for(target_kind: str) -> Callable[..., None]:
         raise ValueError(f"no schedule template for target kind {target_kind!r}; have {sorted(TEMPLATES)}") from None
 
 
-__all__ = ["TEMPLATES", "SINGLE_OPS", "EXTRA_OPS", "supports", "template_for", "Knobs", "DefaultKnobs", "DefaultTraceKnobs", "SampledKnobs", "ReplayKnobs", "trace_decisions", "ROW_TILE_KEY", "row_tile_of"]
+__all__ = ["TEMPLATES", "SINGLE_OPS", "EXTRA_OPS", "STRUCTURES", "structures", "supports", "template_for", "Knobs",
+           "DefaultKnobs", "DefaultTraceKnobs", "SampledKnobs", "ReplayKnobs", "trace_decisions", "trace_structure",
+           "ROW_TILE_KEY", "STRUCTURE_KEY", "row_tile_of"]

@@ -37,13 +37,13 @@ from tvmgroup.layouts import layout_of
 from tvmgroup.opdefs import GROUPS_PACK, vectorises_groups
 
 from .knobs import Knobs
-from .roles import ROW_TILE_KEY, loop_roles, op_parts
+from .roles import ROW_TILE_BLOCKS_KEY, ROW_TILE_KEY, STRUCTURE_KEY, loop_roles, op_parts
 
 ROW_TILES = (1, 2, 4, 8)  # symbolic row tile of forward / grad_input ("last")
 ROW_CHUNKS = (16, 32, 64, 128, 256)  # symbolic row chunk of grad_weight ("last")
 VECTOR_TILES = (8, 16, 32, 64)  # symbolic vector tile ("conv": the L axis)
 LANE_TILES = (8, 16, 32)  # lanes of grad_weight's partial sums along L ("conv")
-ROW_MULTIPLE = 256  # lcm of ROW_TILES and ROW_CHUNKS
+ONE_PASS_CHUNKS = (8, 16, 32, 64)  # rows of grad_y read once for grad_x and grad_weight
 VECTOR_ALIGN = 16  # static vector loops are partitioned into a multiple of this + remainder
 # Panels (large groups, features innermost): the weight is read as panels of PANEL_LANES
 # output features, PANEL_VECTORS of them per register tile; a group's panel stays in cache
@@ -58,6 +58,9 @@ PANEL_MIN = 128
 # tiles. One parallel region per call: a region per row chunk (N/16 of them) made each call
 # wait at N/16 barriers, and one preempted thread stalled them all (10-20x slower under load).
 PARALLEL_BLOCKS = os.cpu_count() or 1
+# A multiple of every row tile a candidate may have: ROW_TILES, ROW_CHUNKS, and the one-pass
+# backward's PARALLEL_BLOCKS chunks (256 on machines of up to 4 cores).
+ROW_MULTIPLE = math.lcm(256, PARALLEL_BLOCKS * max(ONE_PASS_CHUNKS))
 
 
 def _blocks(extent: int, threads: int = PARALLEL_BLOCKS) -> int:
@@ -105,15 +108,39 @@ def _parallel(sch: s_tir.Schedule, loop) -> None:
 FUSED_BACKWARD_LAYOUTS = frozenset({"last", "conv", "ensemble", "heads"})
 
 
+# The loop structures the template has for an op on a layout, by (op, layout); the first is
+# the default, every op has it. Each is a design space of its own (``knobs.Knobs.structure``).
+STRUCTURES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("backward", "last"): ("parts", "one_pass_groups", "one_pass_rows"),
+}
+
+
+def cpu_structures(op: str, layout: str) -> tuple[str, ...]:
+    """The names of the template's loop structures for ``op`` on ``layout``, default first."""
+    return STRUCTURES.get((op, layout), ("default",))
+
+
 def schedule_cpu(sch: s_tir.Schedule, op: str, layout: str, bias: bool, knobs: Knobs, tail: bool = False) -> None:
-    """Applies the template to the op's PrimFunc in ``sch``.
+    """Applies the template to the op's PrimFunc in ``sch``, in the structure ``knobs`` names.
 
     An op made of parts (the fused backward, :func:`~.roles.op_parts`) has each part
     scheduled as its op is, in one PrimFunc: one call, one launch. Its row tile is the
-    largest of the parts' (each a power of two, so a multiple of the others).
+    largest of the parts' (each a power of two, so a multiple of the others). Its
+    ``one_pass_*`` structures read grad_y once for both parts instead (:data:`ONE_PASS`).
+    A tail build always takes the default structure: it runs the rows a main kernel's row
+    tile leaves over, in any structure.
     """
     if op == "backward" and layout not in FUSED_BACKWARD_LAYOUTS:
         raise ValueError(f"the CPU template has no fused backward for layout {layout!r}")
+    structures = cpu_structures(op, layout)
+    if not 0 <= knobs.structure < len(structures):
+        raise ValueError(
+            f"structure {knobs.structure} of {op} on layout {layout!r}: the CPU template has "
+            f"{len(structures)} ({', '.join(structures)})"
+        )
+    if not tail and structures[knobs.structure] in ONE_PASS:
+        ONE_PASS[structures[knobs.structure]](sch, bias, knobs)
+        return
     for part in op_parts(op):
         _schedule_op(sch, part, layout, bias, knobs, tail)
 
@@ -579,3 +606,142 @@ def _groups_column_sum(sch: s_tir.Schedule, name: str, tail: bool) -> None:
     _parallel(sch, o)
     sch.vectorize(g)
     sch.decompose_reduction(block, n)
+
+
+# -- the fused backward in one pass over grad_y ("last") --------------------------------------
+
+# Both structures read a chunk of grad_y's rows once for grad_x, grad_weight and grad_bias
+# while it is in cache; their loops are joined with ``Schedule.merge``. Each block keeps the
+# register tile its single op uses. Where each pays: docs/performance.md, "The fused backward
+# in one pass".
+
+
+def _schedule_backward_one_pass_groups(sch: s_tir.Schedule, bias: bool, knobs: Knobs) -> None:
+    """Blocks of groups in parallel (each thread owns its groups' grad_weight: no partial
+    sums); per chunk of rows and per group, the grad_x tile, then grad_weight and grad_bias.
+    The kernel needs the row count to be a multiple of the chunk (its row tile)."""
+    gx, gw = sch.get_sblock("grad_x"), sch.get_sblock("grad_weight")
+    n, g, k, o = sch.get_loops(gx)
+    blocks = _blocks(_extent(sch, g))
+    chunk = knobs.inner_choice(sch, ONE_PASS_CHUNKS, 8)  # at least the largest row tile
+    rows, lanes = _default_register_tile(_extent(sch, k))
+    row_tile = knobs.inner_choice(sch, ROW_TILES, rows)
+    g0, g1 = sch.split(g, [blocks, None])
+    c, r = sch.split(n, [None, chunk], disable_predication=True)
+    r0, r1 = sch.split(r, [None, row_tile])
+    k0, k1 = _split_static(sch, k, knobs, 64, lanes)
+    sch.reorder(g0, c, g1, r0, k0, o, r1, k1)
+    cache = _accumulate_locally(sch, gx, k0, False)
+    wg, wo, wk, wn = sch.get_loops(gw)
+    wg0, wg1 = sch.split(wg, [blocks, None])
+    wc, wr = sch.split(wn, [None, chunk], disable_predication=True)
+    wo0, wk0, wo1, wk1 = _weight_grad_register_tile(sch, wo, wk, knobs)
+    sch.reorder(wg0, wc, wg1, wo0, wk0, wr, wo1, wk1)
+    tops, chunks, groups = [g0, wg0], [c, wc], [g1, wg1]
+    if bias:
+        gb = sch.get_sblock("grad_bias")
+        bg, bo, bn = sch.get_loops(gb)
+        bg0, bg1 = sch.split(bg, [blocks, None])
+        bc, br = sch.split(bn, [None, chunk], disable_predication=True)
+        sch.reorder(bg0, bc, bg1, br, bo)
+        tops.append(bg0)
+        chunks.append(bc)
+        groups.append(bg1)
+    _parallel(sch, sch.merge(*tops))
+    sch.merge(*chunks)
+    sch.merge(*groups)
+    sch.unroll(r1)
+    sch.vectorize(k1)
+    sch.vectorize(sch.get_loops(cache)[-1])
+    sch.decompose_reduction(gx, o)
+    sch.unroll(wo1)
+    sch.vectorize(wk1)
+    sch.decompose_reduction(gw, sch.get_loops(gw)[1])  # zeroed once, before the row chunks
+    if bias:
+        gb = sch.get_sblock("grad_bias")
+        loops = sch.get_loops(gb)
+        sch.vectorize(loops[-1])
+        sch.decompose_reduction(gb, loops[1])
+    for block in (gx, gw):
+        sch.annotate(block, ROW_TILE_KEY, chunk)
+    sch.annotate(gx, STRUCTURE_KEY, knobs.structure)
+    for name in loop_roles("grad_input", "last", bias).present_packs(sch):  # a (G, K, O) weight's
+        _schedule_pack(sch, name)
+
+
+def _schedule_backward_one_pass_rows(sch: s_tir.Schedule, bias: bool, knobs: Knobs) -> None:
+    """Blocks of rows in parallel, one per thread, as the forward runs; per chunk of a block's
+    rows, grad_x walks every group of each row tile (rows read in memory order), then
+    grad_weight and grad_bias add the chunk to the thread's own partial sums (``rfactor``),
+    which a last step adds up. The kernel needs the row count to be a multiple of
+    ``PARALLEL_BLOCKS`` chunks (its row tile)."""
+    threads = PARALLEL_BLOCKS
+    chunk = knobs.inner_choice(sch, ONE_PASS_CHUNKS, 8)
+    gx = sch.get_sblock("grad_x")
+    n, g, k, o = sch.get_loops(gx)
+    rows, lanes = _default_register_tile(_extent(sch, k))
+    row_tile = knobs.inner_choice(sch, ROW_TILES, rows)
+    t, c, r = sch.split(n, [threads, None, chunk], disable_predication=True)
+    r0, r1 = sch.split(r, [None, row_tile])
+    k0, k1 = _split_static(sch, k, knobs, 64, lanes)
+    sch.reorder(t, c, r0, g, k0, o, r1, k1)
+    cache = _accumulate_locally(sch, gx, k0, False)
+    tops, chunks, partials = [t], [c], []
+    for name in ("grad_weight", "grad_bias") if bias else ("grad_weight",):
+        block = sch.get_sblock(name)
+        *_, rows_loop = sch.get_loops(block)
+        split, _, _ = sch.split(rows_loop, [threads, None, chunk], disable_predication=True)
+        partial = sch.rfactor(split, factor_axis=0)  # (threads, G, O[, K]): a thread's sums
+        partials.append((name, partial))
+        *spatial, pt, pc, pr = sch.get_loops(partial)  # spatial: g, o[, k]
+        if name == "grad_weight":
+            wg, wo, wk = spatial
+            wo0, wk0, wo1, wk1 = _weight_grad_register_tile(sch, wo, wk, knobs)
+            sch.reorder(pt, pc, wg, wo0, wk0, pr, wo1, wk1)
+        else:
+            bg, bo = spatial
+            sch.reorder(pt, pc, bg, pr, bo)
+        tops.append(pt)
+        chunks.append(pc)
+    # Merge puts the joined loop where the last loop it is given was, its bodies in the order
+    # given: grad_x's loops (the first at the root) go last, so the joined loop runs before
+    # the final sums that read the partial sums.
+    _parallel(sch, sch.merge(*tops[1:], tops[0]))
+    sch.merge(*chunks[1:], chunks[0])
+    sch.unroll(r1)
+    sch.vectorize(k1)
+    sch.vectorize(sch.get_loops(cache)[-1])
+    sch.decompose_reduction(gx, o)
+    for name, partial in partials:
+        loops = sch.get_loops(partial)
+        if name == "grad_weight":
+            sch.unroll(loops[-2])
+        sch.vectorize(loops[-1])
+        sch.decompose_reduction(partial, loops[1])  # zeroed once, before the row chunks
+        # The threads' partial sums added up: groups in parallel, the last axis vectorised.
+        final = sch.get_sblock(name)
+        *spatial, summed = sch.get_loops(final)
+        sch.reorder(spatial[0], summed, *spatial[1:])
+        _parallel(sch, spatial[0])
+        sch.vectorize(spatial[-1])
+        sch.decompose_reduction(final, summed)
+    for block in (gx, partials[0][1]):
+        sch.annotate(block, ROW_TILE_KEY, chunk)  # the sampled chunk (a trace's own variable)
+        sch.annotate(block, ROW_TILE_BLOCKS_KEY, threads)
+    sch.annotate(gx, STRUCTURE_KEY, knobs.structure)
+    for name in loop_roles("grad_input", "last", bias).present_packs(sch):
+        _schedule_pack(sch, name)
+
+
+def _weight_grad_register_tile(sch: s_tir.Schedule, o_loop, k_loop, knobs: Knobs):
+    """grad_weight's (o, k) loops split as :func:`_schedule_weight_grad` splits them:
+    (o blocks, k blocks, o tile, k lanes)."""
+    o_limit, o_default = GRAD_WEIGHT_O_TILE
+    if _extent(sch, k_loop) <= GRAD_WEIGHT_ONE_VECTOR:
+        o_limit, o_default = GRAD_WEIGHT_O_TILE_ONE_VECTOR
+    k0, k1 = _split_static(sch, k_loop, knobs, 64, 64)
+    o0, o1 = _split_static(sch, o_loop, knobs, o_limit, o_default)
+    return o0, k0, o1, k1
+
+
+ONE_PASS = {"one_pass_groups": _schedule_backward_one_pass_groups, "one_pass_rows": _schedule_backward_one_pass_rows}

@@ -5,6 +5,12 @@ schedule; with :class:`SampledKnobs` every choice is a MetaSchedule sampling ins
 the template is a MetaSchedule design space; :class:`DefaultTraceKnobs` is the default as a
 trace of that space; with :class:`ReplayKnobs` it makes the same choices as a tuned trace, on
 any compute of the same op (tuning runs at a fixed row count, kernels take any).
+
+Knobs also carry the loop *structure* (:attr:`Knobs.structure`): where a template has more
+than one loop nest for an op (loop order, which loops are joined), each structure is a
+design space of its own, since MetaSchedule mutates a trace's decisions but replays its
+instructions unchanged. A schedule of any structure but the first records its index as the
+block annotation ``STRUCTURE_KEY``, which replay reads back (:func:`trace_structure`).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Sequence
 import tvm_ffi
 from tvm import s_tir, tirx
 
-from .roles import ROW_TILE_KEY
+from .roles import ROW_TILE_BLOCKS_KEY, ROW_TILE_KEY, STRUCTURE_KEY
 
 # The instructions a template's knobs emit, in the order the template calls them.
 SAMPLING_INSTRUCTIONS = ("SamplePerfectTile", "SampleCategorical")
@@ -29,7 +35,7 @@ SAMPLING_INSTRUCTIONS = ("SamplePerfectTile", "SampleCategorical")
 TEMPLATE_INSTRUCTIONS: dict[str, frozenset[str]] = {
     "llvm": frozenset({
         "AddUnitLoop", "Annotate", "CacheRead", "CacheWrite", "ComputeAt", "DecomposeReduction", "Fuse",
-        "GetLoops", "GetProducers", "GetSBlock", "LoopPartition", "Parallel", "RFactor", "Reorder",
+        "GetLoops", "GetProducers", "GetSBlock", "LoopPartition", "Merge", "Parallel", "RFactor", "Reorder",
         "ReverseComputeAt", "SampleCategorical", "SamplePerfectTile", "SetScope", "Split", "TransformLayout",
         "Unroll", "Vectorize",
     }),
@@ -44,7 +50,7 @@ TEMPLATE_INSTRUCTIONS: dict[str, frozenset[str]] = {
 POSTPROC_INSTRUCTIONS = frozenset({"EnterPostproc"})  # MetaSchedule's postprocessors here add no others
 ALLOWED_INSTRUCTIONS = frozenset().union(*TEMPLATE_INSTRUCTIONS.values(), POSTPROC_INSTRUCTIONS)
 TEMPLATE_ANNOTATIONS: dict[str, frozenset[str]] = {
-    "llvm": frozenset({ROW_TILE_KEY}),
+    "llvm": frozenset({ROW_TILE_KEY, ROW_TILE_BLOCKS_KEY, STRUCTURE_KEY}),
     "cuda": frozenset({
         "pragma_auto_unroll_max_step", "pragma_unroll_explicit", "software_pipeline_order",
         "software_pipeline_stage", "tirx.manifest_shared_memory_local_stage", "double_buffer_scope",
@@ -59,7 +65,9 @@ def _divisors(n: int) -> list[int]:
 
 
 class Knobs:
-    """Interface: factors for splitting loops."""
+    """Interface: factors for splitting loops, and the loop structure they split."""
+
+    structure: int = 0  # index into the template's structures for the op (0: the default one)
 
     def perfect_tile(self, sch: s_tir.Schedule, loop, n: int, limit: int, default: Sequence[int]) -> list:
         """``n`` factors of a static loop's extent (the first is the outer loop); each inner
@@ -97,7 +105,10 @@ class DefaultKnobs(Knobs):
 
 
 class SampledKnobs(Knobs):
-    """MetaSchedule sampling instructions: the tuning search space."""
+    """MetaSchedule sampling instructions: the tuning search space (of one structure)."""
+
+    def __init__(self, structure: int = 0) -> None:
+        self.structure = structure
 
     def _decision(self, default_decision, expect):
         """The decision to record (None: sample one); ``default_decision()`` is the default's.
@@ -202,11 +213,12 @@ def check_trace(trace, target_kind: str | None = None) -> None:
 
     Allowed: instruction kinds in :data:`ALLOWED_INSTRUCTIONS`; ``Annotate`` only with a key
     in :data:`ALLOWED_ANNOTATIONS` and a value that is an integer, a list of integers or a
-    variable of the trace (never a string), and :data:`ROW_TILE_KEY` only with a
-    ``SampleCategorical``'s value; ``Tensorize`` only with a tvmgroup wmma intrinsic; one
-    decision on every sampling instruction and none elsewhere, a categorical one an integer,
-    a tile one as many positive integers as the instruction's ``n`` with the innermost within
-    its ``max_innermost_factor``. Whether a decision fits the template (a tile's product is
+    variable of the trace (never a string), :data:`ROW_TILE_KEY` only with a
+    ``SampleCategorical``'s value, :data:`STRUCTURE_KEY` only with an integer above 0 and
+    :data:`ROW_TILE_BLOCKS_KEY` only with a positive integer; ``Tensorize`` only with a
+    tvmgroup wmma intrinsic; one decision on every sampling instruction and none elsewhere,
+    a categorical one an integer, a tile one as many positive integers as the instruction's
+    ``n`` with the innermost within its ``max_innermost_factor``. Whether a decision fits the template (a tile's product is
     its loop's extent) is checked during replay (:class:`ReplayKnobs`).
     """
     if isinstance(trace, s_tir.Trace):
@@ -242,6 +254,10 @@ def check_trace(trace, target_kind: str | None = None) -> None:
                 raise TraceRefused(f"{where}: {key!r} has a value no template writes: {_short(value)}")
             if key == ROW_TILE_KEY and value not in sampled_choices:
                 raise TraceRefused(f"{where}: {key!r} is not the sampled row tile: {_short(value)}")
+            if key == STRUCTURE_KEY and not (_is_int(value) and value > 0):
+                raise TraceRefused(f"{where}: {key!r} is not a structure index above 0: {_short(value)}")
+            if key == ROW_TILE_BLOCKS_KEY and not (_is_int(value) and value > 0):
+                raise TraceRefused(f"{where}: {key!r} is not a positive integer: {_short(value)}")
         elif kind == "Tensorize":
             intrin = attrs[0] if attrs else None
             if not (isinstance(intrin, str) and intrin.startswith(TENSOR_INTRIN_PREFIX)):
@@ -289,6 +305,20 @@ def trace_samples(trace, target_kind: str | None = None) -> list[tuple[str, list
         trace = json.loads(json.dumps(trace.as_json(remove_postproc=False), default=_json_default))
     check_trace(trace, target_kind)
     return [(inst[0], inst[2]) for inst in trace[0] if inst[0] in SAMPLING_INSTRUCTIONS]
+
+
+def trace_structure(trace, target_kind: str | None = None) -> int:
+    """The template structure a trace was made in (after :func:`check_trace`): the value of
+    its ``STRUCTURE_KEY`` annotations, 0 where it has none. Annotations that disagree make
+    it :class:`TraceRefused`."""
+    if isinstance(trace, s_tir.Trace):
+        trace = json.loads(json.dumps(trace.as_json(remove_postproc=False), default=_json_default))
+    check_trace(trace, target_kind)
+    values = {inst[1][1] for inst in trace[0]
+              if inst[0] == "Annotate" and inst[2][:1] == [STRUCTURE_KEY] and len(inst[1]) == 2}
+    if len(values) > 1:
+        raise TraceRefused(f"the trace names structures {sorted(values)}: one schedule has one")
+    return values.pop() if values else 0
 
 
 def trace_decisions(trace, target_kind: str | None = None) -> list:
@@ -341,16 +371,19 @@ class ReplayKnobs(SampledKnobs):
     :meth:`check_used_all` tells whether it asked for fewer.
     """
 
-    def __init__(self, decisions: Sequence, samples: Sequence | None = None) -> None:
+    def __init__(self, decisions: Sequence, samples: Sequence | None = None, structure: int = 0) -> None:
         """``samples``: the trace's sampling instructions (:func:`trace_samples`), each then
-        checked to sample what the template samples at that point."""
+        checked to sample what the template samples at that point; ``structure``: the
+        trace's (:func:`trace_structure`)."""
+        self.structure = structure
         self._decisions = list(decisions)
         self._samples = None if samples is None else list(samples)
         self._next = 0
 
     @classmethod
     def from_trace(cls, trace, target_kind: str | None = None) -> "ReplayKnobs":
-        return cls(trace_decisions(trace, target_kind), trace_samples(trace, target_kind))
+        return cls(trace_decisions(trace, target_kind), trace_samples(trace, target_kind),
+                   trace_structure(trace, target_kind))
 
     def _decision(self, default_decision, expect):
         if self._next >= len(self._decisions):

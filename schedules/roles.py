@@ -19,6 +19,12 @@ from tvmgroup.opdefs import GROUPS_PACK
 # Block annotation: the tile a kernel's symbolic extent (rows, or L in the conv layout) must be
 # a multiple of; other extents run through the tail build or a padded copy.
 ROW_TILE_KEY = "tvmgroup.row_tile"
+# Block annotation beside ROW_TILE_KEY: the row tile is that many rows times this (an integer):
+# a structure that gives each of several parallel blocks a sampled chunk of rows.
+ROW_TILE_BLOCKS_KEY = "tvmgroup.row_tile_blocks"
+# Block annotation: which of the template's loop structures for the op a schedule has (an index
+# into the template's structures, see ``knobs.Knobs.structure``); absent means the first.
+STRUCTURE_KEY = "tvmgroup.structure"
 
 
 @dataclass(frozen=True)
@@ -69,14 +75,16 @@ def loop_roles(op: str, layout: str, bias: bool = True) -> LoopRoles:
 
 
 def row_tile_of(mod: tvm.IRModule) -> int:
-    """The row tile a scheduled module requires: the largest ``ROW_TILE_KEY`` on its blocks."""
+    """The row tile a scheduled module requires: the largest ``ROW_TILE_KEY`` on its blocks
+    (times the block's ``ROW_TILE_BLOCKS_KEY``, where it has one)."""
     sch = s_tir.Schedule(mod)
     tiles = [1]
     pending = sch.get_child_blocks(sch.get_sblock("root"))
     while pending:
         block = pending.pop()
-        value = sch.get(block).annotations.get(ROW_TILE_KEY)
+        annotations = sch.get(block).annotations
+        value = annotations.get(ROW_TILE_KEY)
         if value is not None:
-            tiles.append(int(value))
+            tiles.append(int(value) * int(annotations.get(ROW_TILE_BLOCKS_KEY, 1)))
         pending.extend(sch.get_child_blocks(block))
     return max(tiles)

@@ -18,7 +18,7 @@ from tvm import s_tir
 from tvmgroup.compute import LAYOUTS, OPS, OpSpec, ir_module
 from tvmgroup.lookup import TuningLogWarning
 from tvmgroup.paths import user_logs_dir
-from tvmgroup.schedules import SampledKnobs, supports, template_for
+from tvmgroup.schedules import SampledKnobs, structures, supports, template_for
 from tvmgroup.schedules.knobs import (
     POSTPROC_INSTRUCTIONS,
     TEMPLATE_ANNOTATIONS,
@@ -201,9 +201,10 @@ def _template_traces(target_kind: str, dtypes, shapes):
         if not supports(target_kind, op, layout):
             continue
         spec = OpSpec(op, g, k, o, dtype, layout, bias)
-        sch = s_tir.Schedule(ir_module(spec, 256), seed=1)
-        template_for(target_kind)(sch, op, layout, bias, SampledKnobs())
-        yield spec, sch.trace
+        for structure in range(len(structures(target_kind, op, layout))):
+            sch = s_tir.Schedule(ir_module(spec, 256), seed=1)
+            template_for(target_kind)(sch, op, layout, bias, SampledKnobs(structure))
+            yield spec, sch.trace
 
 
 def _check_allow_lists(target_kind: str, dtypes, shapes) -> None:

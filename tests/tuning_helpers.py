@@ -17,8 +17,10 @@ from tvmgroup.logs import RECORDS, WORKLOADS, write_meta
 from tvmgroup.tuning.tune import TuneRequest, log_meta
 
 
-def fake_log(root: Path, spec: OpSpec, target: tvm.target.Target, rows: int = 256, seeds=(1, 2, 3), key: str | None = None) -> Path:
-    """A log in MetaSchedule's format holding sampled template traces with made-up latencies."""
+def fake_log(root: Path, spec: OpSpec, target: tvm.target.Target, rows: int = 256, seeds=(1, 2, 3), key: str | None = None,
+             structure: int = 0) -> Path:
+    """A log in MetaSchedule's format holding sampled template traces (of the template's
+    loop structure ``structure``) with made-up latencies."""
     req = TuneRequest(spec, target, rows, len(seeds), Path(root))
     path = req.path if key is None else Path(root) / key / spec.key / f"n{rows}"
     path.mkdir(parents=True, exist_ok=True)
@@ -28,7 +30,7 @@ def fake_log(root: Path, spec: OpSpec, target: tvm.target.Target, rows: int = 25
     args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
     for i, seed in enumerate(seeds):
         sch = s_tir.Schedule(mod, seed=seed)
-        template_for(target.kind.name)(sch, spec.op, spec.layout, spec.bias, SampledKnobs())
+        template_for(target.kind.name)(sch, spec.op, spec.layout, spec.bias, SampledKnobs(structure))
         record = ms.database.TuningRecord(sch.trace, workload, run_secs=[1e-5 * (i + 1)], target=target, args_info=args_info)
         db.commit_tuning_record(record)
     meta = log_meta(req, len(seeds))

@@ -28,7 +28,7 @@ from tvmgroup.choice import ScheduleChoice
 from tvmgroup.compute import OpSpec, ir_module
 from tvmgroup.logs import LogError, TuningLog, beats_default, best_record, read_records
 from tvmgroup.schedules import ReplayKnobs, trace_decisions
-from tvmgroup.schedules.knobs import TraceRefused, check_trace, trace_samples
+from tvmgroup.schedules.knobs import TraceRefused, check_trace, trace_samples, trace_structure
 from tvmgroup.target import family_of
 
 
@@ -74,9 +74,10 @@ def choice_from_log(
     # The log's own decisions: TVM's parser silently rewrites a tile decision that does not
     # divide its loop, and ReplayKnobs refuses such a decision instead.
     decisions, samples = trace_decisions(raw, kind), trace_samples(raw, kind)
+    structure = trace_structure(raw, kind)
 
     def apply(sch: s_tir.Schedule) -> None:
-        knobs = ReplayKnobs(decisions, samples)
+        knobs = ReplayKnobs(decisions, samples, structure)
         template(sch, spec.op, spec.layout, spec.bias, knobs)
         knobs.check_used_all()
 
