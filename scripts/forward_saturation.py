@@ -27,6 +27,7 @@ import torch
 from tvmgroup import GroupedLinear
 from tvmgroup.bench.shapes import parse_shape
 from tvmgroup.bench.timing import median_block_ms
+from tvmgroup.check import relative_error
 from tvmgroup.compute import OpSpec
 from tvmgroup.lookup import kernel_for
 from tvmgroup.target import cpu_target
@@ -50,14 +51,9 @@ def shape_calls(n: int, g: int, k: int, o: int, working_bytes: float) -> tuple[d
     sets = max(2, int(working_bytes // moved) + 1)
     operands = [spec.op_def.operands(spec, spec.layout_def, n, torch.float32)[0] for _ in range(sets)]
     check, outs = operands[0], spec.op_def.operands(spec, spec.layout_def, n, torch.float32)[1]
-    reference = spec.op_def.reference_outputs(spec, spec.layout_def, check)
-    for i in outs:
-        check[i].fill_(float("nan"))
-    kernel(*check)
-    for i, ref in zip(outs, reference):
-        error = ((check[i].double() - ref).abs().max() / ref.abs().max()).item()
-        if not error < 1e-5:
-            raise SystemExit(f"{n},{g},{k},{o}: the kernel's relative error is {error:.1e}")
+    error = relative_error(kernel, check, outs, spec.op_def.reference_outputs(spec, spec.layout_def, check))
+    if not error < 1e-5:
+        raise SystemExit(f"{n},{g},{k},{o}: the kernel's relative error is {error:.1e}")
     layer = GroupedLinear(g, k, o)
     xs = [torch.randn(n, g * k) for _ in range(sets)]
 

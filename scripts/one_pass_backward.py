@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import tvm
 
 from tvmgroup.bench.shapes import parse_shape
 from tvmgroup.bench.timing import median_block_ms
 from tvmgroup.choice import ScheduleChoice
 from tvmgroup.compute import OpSpec
-from tvmgroup.kernel import Kernel, build_kernel
+from tvmgroup.check import relative_error
+from tvmgroup.kernel import Kernel, build_kernel, reloaded
 from tvmgroup.schedules import DefaultKnobs, structures
 from tvmgroup.schedules import cpu
-from tvmgroup.target import cpu_target, family_of
+from tvmgroup.target import cpu_target
 
 STRUCTURES = structures("llvm", "backward", "last")
 
@@ -50,34 +50,20 @@ class StructureKnobs(DefaultKnobs):
 
 def loaded_kernel(spec: OpSpec, structure: int, chunk: int, workdir: Path) -> Kernel:
     """``spec`` in ``structure``, compiled, saved and loaded as the kernel cache does."""
-    target = cpu_target()
-    name = STRUCTURES[structure]
 
     def apply(sch) -> None:
         cpu.schedule_cpu(sch, spec.op, spec.layout, spec.bias, StructureKnobs(structure, chunk))
 
-    built = build_kernel(spec, target, ScheduleChoice("default", apply, name))
-    modules = {}
-    for part, module in (("main", built.main), ("tail", built.tail)):
-        if module is not None:
-            path = workdir / f"{spec.key}-{name}-{part}.so"
-            module.export_library(str(path))
-            modules[part] = tvm.runtime.load_module(str(path))
-            family_of(target).on_load(path)
-    return Kernel(spec, built.choice, modules["main"], built.row_tile, modules.get("tail"), target, False)
+    choice = ScheduleChoice("default", apply, STRUCTURES[structure])
+    return reloaded(build_kernel(spec, cpu_target(), choice), workdir)
 
 
 def checked_call(kernel: Kernel, rows: int) -> Callable[[], object]:
     spec = kernel.spec
     tensors, outs = spec.op_def.operands(spec, spec.layout_def, rows, torch.float32)
-    refs = spec.op_def.reference_outputs(spec, spec.layout_def, tensors)
-    for i in outs:
-        tensors[i].fill_(float("nan"))
-    kernel(*tensors)
-    for i, ref in zip(outs, refs):
-        error = ((tensors[i].double() - ref).abs().max() / ref.abs().max()).item()
-        if not error < 1e-5:
-            raise SystemExit(f"{kernel.choice.fingerprint}: output {i} off by {error:.1e} (relative) against float64")
+    error = relative_error(kernel, tensors, outs, spec.op_def.reference_outputs(spec, spec.layout_def, tensors))
+    if not error < 1e-5:
+        raise SystemExit(f"{kernel.choice.fingerprint}: relative error {error:.1e} against float64")
     return lambda: kernel(*tensors)
 
 
@@ -99,7 +85,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
             spec = OpSpec("backward", shape.groups, shape.in_features, shape.out_features, bias=not args.no_bias)
-            calls = [checked_call(loaded_kernel(spec, s, args.chunk, Path(tmp)), shape.n) for s in range(len(STRUCTURES))]
+            kernels = [loaded_kernel(spec, s, args.chunk, Path(tmp)) for s in range(len(STRUCTURES))]
+            calls = [checked_call(kernel, shape.n) for kernel in kernels]
             blocks: list[list[float]] = [[] for _ in calls]
             for _ in range(args.rounds):
                 for fn, times in zip(calls, blocks):

@@ -22,14 +22,15 @@ from types import ModuleType
 from typing import Callable
 
 import torch
-import tvm
 
 from tvmgroup.bench.timing import median_block_ms
+from tvmgroup.check import relative_error
 from tvmgroup.choice import ScheduleChoice
 from tvmgroup.compute import OpSpec
-from tvmgroup.kernel import Kernel, build_kernel
+from tvmgroup.kernel import Kernel, build_kernel, reloaded
 from tvmgroup.schedules import DefaultKnobs
-from tvmgroup.target import cpu_target, family_of
+from tvmgroup.target import cpu_target
+
 
 def template_at(revision: str, workdir: Path) -> ModuleType:
     """``schedules/cpu.py`` as it was at ``revision``, imported beside the installed package."""
@@ -48,22 +49,11 @@ def template_at(revision: str, workdir: Path) -> ModuleType:
 
 def loaded_kernel(spec: OpSpec, template: ModuleType, workdir: Path, name: str) -> Kernel:
     """``spec`` compiled with ``template``'s default, saved and loaded as the kernel cache does."""
-    target = cpu_target()
 
     def apply(sch) -> None:
         template.schedule_cpu(sch, spec.op, spec.layout, spec.bias, DefaultKnobs())
 
-    built = build_kernel(spec, target, ScheduleChoice("default", apply, name))
-    modules = {}
-    for part, module in (("main", built.main), ("tail", built.tail)):
-        if module is None:
-            continue
-        path = workdir / f"{spec.key}-{name}-{part}.so"
-        module.export_library(str(path))
-        modules[part] = tvm.runtime.load_module(str(path))
-        if family_of(target).on_load is not None:
-            family_of(target).on_load(path)
-    return Kernel(spec, built.choice, modules["main"], built.row_tile, modules.get("tail"), target, False)
+    return reloaded(build_kernel(spec, cpu_target(), ScheduleChoice("default", apply, name)), workdir)
 
 
 def _rate(flops: int, ms: float) -> str:
@@ -92,13 +82,9 @@ def main() -> int:
                 ref = spec.op_def.reference_outputs(spec, spec.layout_def, tensors)
                 for name, template in templates.items():
                     kernel = loaded_kernel(spec, template, workdir, name)
-                    for i in outs:
-                        tensors[i].fill_(float("nan"))
-                    kernel(*tensors)
-                    for i, r in zip(outs, ref):
-                        error = ((tensors[i].double() - r).abs().max() / r.abs().max()).item()
-                        if not error < 1e-5:
-                            raise SystemExit(f"{text} {op} {name}: relative error {error:.1e}")
+                    error = relative_error(kernel, tensors, outs, ref)
+                    if not error < 1e-5:
+                        raise SystemExit(f"{text} {op} {name}: relative error {error:.1e}")
                     calls[f"{op}-{name}"] = lambda kernel=kernel, tensors=tensors: kernel(*tensors)
             x, w = torch.randn(g, n, k), torch.randn(g, k, o)
             calls["bmm"] = lambda: torch.bmm(x, w)

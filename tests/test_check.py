@@ -91,3 +91,30 @@ def test_a_right_kernel_passes_and_a_wrong_one_fails(op, layout):
 
     with pytest.raises(LogError, match="wrong results"):
         check.check_kernel(OffByOne(), seed=1)
+
+
+def _backward_operands():
+    spec = OpSpec("backward", 2, 8, 8)
+    tensors, outs = spec.op_def.operands(spec, spec.layout_def, 5, torch.float32)
+    return tensors, outs, spec.op_def.reference_outputs(spec, spec.layout_def, tensors)
+
+
+def test_relative_error_of_a_kernel_that_writes_the_references_is_small():
+    tensors, outs, refs = _backward_operands()
+
+    def exact(*args):
+        for i, ref in zip(outs, refs):
+            args[i].copy_(ref)
+
+    assert check.relative_error(exact, tensors, outs, refs) < 1e-6
+
+
+def test_relative_error_is_nan_where_an_output_is_left_unwritten():
+    tensors, outs, refs = _backward_operands()
+
+    def all_but_the_last(*args):  # the last: a plain max() over the outputs would miss its NaN
+        for i, ref in list(zip(outs, refs))[:-1]:
+            args[i].copy_(ref)
+
+    error = check.relative_error(all_but_the_last, tensors, outs, refs)
+    assert error != error  # NaN: the last output kept its poison

@@ -7,6 +7,9 @@ fall back to the next schedule. Operands are made on the target family's device.
 
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
 
 from tvmgroup.kernel import Kernel
@@ -55,3 +58,15 @@ def check_kernel(kernel: Kernel, seed: int = 0) -> None:
                 f"schedule from {kernel.choice.log or kernel.choice.origin} gives wrong results for {spec.key} "
                 f"at {rows} rows: max error {worst:.3e}, allowed about {bound.max().item():.3e}"
             )
+
+
+def relative_error(kernel: Kernel, tensors: Sequence[torch.Tensor], outs: Sequence[int],
+                   refs: Sequence[torch.Tensor]) -> float:
+    """Runs ``kernel`` on ``tensors`` with its outputs (indices ``outs``) first filled with NaN,
+    and returns the largest error of any output against its float64 reference in ``refs``,
+    relative to that reference's largest magnitude: NaN where an output was left unwritten."""
+    for i in outs:
+        tensors[i].fill_(float("nan"))
+    kernel(*tensors)
+    errors = [((tensors[i].double() - ref).abs().max() / ref.abs().max()).item() for i, ref in zip(outs, refs)]
+    return math.nan if any(math.isnan(e) for e in errors) else max(errors)

@@ -299,6 +299,29 @@ def build_kernel(spec: OpSpec, target: tvm.target.Target, choice: ScheduleChoice
     return Kernel(spec, choice, main, row_tile, tail, target, serial)
 
 
+def load_library(path: Path, target: tvm.target.Target) -> tvm.runtime.Module:
+    """A saved kernel library, loaded as the kernel cache loads it: a loaded file's parallel
+    loops can go to torch's threads (the family's ``on_load``, :mod:`tvmgroup.parallel`)."""
+    module = tvm.runtime.load_module(str(path))
+    if family_of(target).on_load is not None:
+        family_of(target).on_load(path)
+    return module
+
+
+def reloaded(kernel: Kernel, directory: Path) -> Kernel:
+    """``kernel`` saved into ``directory`` and loaded back, so it runs as the layer runs cached
+    kernels (an in-memory build keeps TVM's own pool). For scripts that time kernels the
+    cache does not hold."""
+    modules = {}
+    for part, module in (("main", kernel.main), ("tail", kernel.tail)):
+        if module is not None:
+            path = Path(directory) / f"{kernel.spec.key}-{kernel.choice.fingerprint}-{part}.so"
+            module.export_library(str(path))
+            modules[part] = load_library(path, kernel.target)
+    return Kernel(kernel.spec, kernel.choice, modules["main"], kernel.row_tile, modules.get("tail"), kernel.target,
+                  kernel.serial)
+
+
 class KernelCache:
     """Kernels by (spec, target, schedule): in this process, and as shared libraries on disk.
 
@@ -386,9 +409,7 @@ class KernelCache:
             modules = {}
             for part in parts:
                 path = cache_files.checked_file(Path(f"{stem}-{part}.so"), meta["sha256"][part])
-                modules[part] = tvm.runtime.load_module(str(path))
-                if family_of(target).on_load is not None:
-                    family_of(target).on_load(path)
+                modules[part] = load_library(path, target)
             return Kernel(spec, choice, modules["main"], row_tile, modules.get("tail"), target, serial)
         except Exception as err:  # corrupt, foreign, tampered: never loaded, rebuilt
             log.warning("tvmgroup: ignoring unusable cached kernel %s (%s); rebuilding", stem, err)
